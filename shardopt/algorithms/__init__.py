@@ -1,0 +1,65 @@
+"""One module per algorithm; this registry maps torch.optim classes and names to them."""
+
+from __future__ import annotations
+
+import torch
+
+from .adadelta import Adadelta
+from .adagrad import Adagrad
+from .adam import Adam, AdamW
+from .adamax import Adamax
+from .asgd import ASGD
+from .base import Algorithm, Group
+from .nadam import NAdam
+from .radam import RAdam
+from .rmsprop import RMSprop
+from .rprop import Rprop
+from .sgd import SGD
+
+ALGORITHMS: dict[type[torch.optim.Optimizer], Algorithm] = {
+    algorithm.torch_class: algorithm
+    for algorithm in (
+        Adam(),
+        AdamW(),
+        Adamax(),
+        NAdam(),
+        RAdam(),
+        Adagrad(),
+        Adadelta(),
+        RMSprop(),
+        Rprop(),
+        SGD(),
+        ASGD(),
+    )
+}
+
+# torch.optim algorithms that do not run sharded yet: named so the error can say so.
+NOT_YET_SHARDED = ("LBFGS", "Muon", "Adafactor", "SparseAdam")
+
+
+def resolve(optimizer_class: type[torch.optim.Optimizer] | str) -> Algorithm:
+    """The algorithm for a torch.optim class or its case-insensitive name ("adamw")."""
+    supported = ", ".join(sorted(cls.__name__ for cls in ALGORITHMS))
+    if isinstance(optimizer_class, str):
+        by_name = {cls.__name__.lower(): cls for cls in ALGORITHMS}
+        name = optimizer_class.lower()
+        if name in by_name:
+            return ALGORITHMS[by_name[name]]
+        if name in (n.lower() for n in NOT_YET_SHARDED):
+            raise NotImplementedError(
+                f"optimizer_class {optimizer_class!r} does not run sharded yet; supported: {supported}"
+            )
+        raise ValueError(
+            f"optimizer_class {optimizer_class!r} is not a torch.optim algorithm; choose one of: {supported}"
+        )
+    if isinstance(optimizer_class, type) and optimizer_class in ALGORITHMS:
+        return ALGORITHMS[optimizer_class]
+    name = getattr(optimizer_class, "__name__", repr(optimizer_class))
+    if name in NOT_YET_SHARDED:
+        raise NotImplementedError(f"optimizer_class {name} does not run sharded yet; supported: {supported}")
+    raise TypeError(
+        f"optimizer_class must be a torch.optim algorithm class or its name, got {name}; choose one of: {supported}"
+    )
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "Group", "resolve"]

@@ -1,0 +1,42 @@
+"""Adadelta: step sizes from running averages of squared gradients and squared updates."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _to_scalar
+
+from .base import Algorithm, Group
+
+
+class Adadelta(Algorithm):
+    torch_class = torch.optim.Adadelta
+
+    def tensor_state(self, group: Group) -> tuple[str, ...]:
+        return ("square_avg", "acc_delta")
+
+    def update(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        scalars: dict[str, Tensor],
+        group: Group,
+        fresh: bool,
+    ) -> None:
+        lr = _to_scalar(group["lr"])
+        rho, eps, weight_decay = group["rho"], group["eps"], group["weight_decay"]
+        square_avg, acc_delta = state["square_avg"], state["acc_delta"]
+
+        scalars["step"] += 1
+        if group["maximize"]:
+            grad = -grad
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+
+        square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho)
+        std = square_avg.add(eps).sqrt_()
+        delta = acc_delta.add(eps).sqrt_()
+        delta.div_(std).mul_(grad)
+        acc_delta.mul_(rho).addcmul_(delta, delta, value=1 - rho)
+        param.add_(delta, alpha=-lr)

@@ -1,0 +1,91 @@
+"""One flat buffer on one rank: the parameters' storage, and this rank's shard of their
+gradient and optimizer state."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .layout import BufferLayout, Span
+
+
+class ShardedBuffer:
+    """The parameters of one buffer layout and everything this rank keeps for them.
+
+    The parameters become views of ``flat``, so the all-gather that ends a step writes
+    them in place. Element-wise optimizer state covers only this rank's shard.
+    Per-parameter scalar state (step counts, ...) is a few numbers per parameter, so
+    every rank keeps all of it and computes it alike; that lets a parameter that no
+    rank's shard covers (zero elements) or that two shards cut keep one step count.
+    """
+
+    def __init__(
+        self,
+        layout: BufferLayout,
+        params: list[torch.nn.Parameter],
+        group_index: int,
+        rank: int,
+        scalar_names: tuple[str, ...],
+    ) -> None:
+        self.layout = layout
+        self.params = params
+        self.group_index = group_index
+        first = params[0]
+        self.flat = torch.zeros(layout.numel, dtype=first.dtype, device=first.device)
+        with torch.no_grad():
+            for slot, param in zip(layout.slots, params):
+                view = self.flat[slot.span.slice]
+                view.copy_(param.detach().reshape(-1))
+                param.data = view.view(slot.shape)
+        self.shard = layout.shard(rank)
+        self.pieces = layout.pieces(rank)
+        self.state: dict[str, Tensor] = {}
+        self.scalars: dict[str, list[float]] = {name: [0.0] * len(params) for name in scalar_names}
+        self.initialized = [False] * len(params)
+        # Stage 1 keeps the full reduced gradient (p.grad are views of it); stage 2 keeps its shard only.
+        self.full_grad: Tensor | None = None
+        self.grad_shard: Tensor | None = None
+
+    @property
+    def param_shard(self) -> Tensor:
+        return self.flat[self.shard.slice]
+
+    def state_tensor(self, name: str) -> Tensor:
+        """This rank's shard of element-wise state ``name``, created as zeros on first use."""
+        if name not in self.state:
+            self.state[name] = torch.zeros(self.layout.shard_numel, dtype=self.flat.dtype, device=self.flat.device)
+        return self.state[name]
+
+    def flatten_grads(self, out: Tensor, release: bool) -> None:
+        """Write every parameter's ``.grad`` into its span of ``out`` (zeros where it is None).
+
+        Alignment gaps of ``out`` are left as they are: callers hand a zeroed buffer.
+        With ``release`` the parameters' gradients are dropped as soon as they are copied,
+        so at most one of them exists twice at a time.
+        """
+        for slot, param in zip(self.layout.slots, self.params):
+            span = out[slot.span.slice]
+            grad = param.grad
+            if grad is None:
+                span.zero_()
+            elif grad.data_ptr() != span.data_ptr() or grad.shape != slot.shape:
+                span.copy_(grad.reshape(-1))
+            if release:
+                param.grad = None
+
+    def bind_grads(self, full: Tensor, has_grad: list[bool]) -> None:
+        """Make the gradients of the parameters that have one views of the reduced ``full`` buffer."""
+        for slot, param, present in zip(self.layout.slots, self.params, has_grad):
+            if present:
+                param.grad = full[slot.span.slice].view(slot.shape)
+
+    def slot_span_in_shard(self, slot: int) -> list[tuple[Span, Span]]:
+        """(span in shard, span in parameter) of the part of slot ``slot`` this rank owns."""
+        return [(piece.in_shard, piece.in_param) for piece in self.pieces if piece.slot == slot]
+
+    def grad_bytes(self, stage: int) -> int:
+        numel = self.layout.numel if stage == 1 else self.layout.shard_numel
+        return numel * self.flat.element_size()
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state.values())

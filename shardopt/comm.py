@@ -1,0 +1,92 @@
+"""The collectives shardopt issues, each bounded by a timeout, and the world-of-one path.
+
+Every collective is issued asynchronously and waited with ``timeout``, so a rank
+that dies or stops calling collectives turns into an error on the others instead
+of a hang as long as the process group's own timeout (30 minutes by default).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def as_timedelta(timeout: float | timedelta) -> timedelta:
+    """``timeout`` as a timedelta; seconds may be given as a number."""
+    if isinstance(timeout, timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        seconds = float(timeout)
+    else:
+        raise TypeError(f"timeout must be seconds (a number) or a timedelta, got {type(timeout).__name__}")
+    if not seconds > 0:
+        raise ValueError(f"timeout must be positive, got {seconds} seconds")
+    return timedelta(seconds=seconds)
+
+
+class Comm:
+    """The process group the shards live on: this rank, the world size, and its collectives."""
+
+    def __init__(self, process_group: dist.ProcessGroup | None, timeout: float | timedelta) -> None:
+        self.timeout = as_timedelta(timeout)
+        if process_group is None and dist.is_available() and dist.is_initialized():
+            process_group = dist.group.WORLD
+        self.group = process_group
+        if process_group is None:
+            self.rank, self.world_size = 0, 1
+            return
+        self.rank = dist.get_rank(process_group)
+        if self.rank < 0:
+            raise ValueError("process_group does not include this rank: create the optimizer only on its members")
+        self.world_size = dist.get_world_size(process_group)
+
+    @property
+    def device(self) -> torch.device:
+        """Where this group's collectives want their tensors (NCCL: this rank's GPU)."""
+        if self.group is not None and dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _wait(self, work: dist.Work | None, what: str) -> None:
+        try:
+            if work is not None and not work.wait(self.timeout):
+                raise RuntimeError("the wait returned without completing")
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"shardopt: {what} on rank {self.rank} of {self.world_size} did not complete within "
+                f"{self.timeout.total_seconds():g} s; another rank has died, is stuck, or did not make the "
+                f"same call (every rank must call step(), state_dict() and load_state_dict() together): {error}"
+            ) from error
+
+    def all_reduce_(self, tensor: Tensor, what: str, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
+        """Every rank: ``tensor`` becomes the element-wise reduction of all ranks' ``tensor``."""
+        if self.world_size > 1:
+            self._wait(dist.all_reduce(tensor, op=op, group=self.group, async_op=True), what)
+
+    def reduce_scatter(self, shard: Tensor, full: Tensor, what: str) -> None:
+        """Before: every rank holds a ``full`` buffer. After: rank r's ``shard`` is the sum of
+        all ranks' r-th slices of it."""
+        if self.world_size == 1:
+            shard.copy_(full)
+            return
+        self._wait(dist.reduce_scatter_single(shard, full, group=self.group, async_op=True), what)
+
+    def all_gather(self, full: Tensor, shard: Tensor, what: str) -> None:
+        """Before: rank r holds ``shard``, its slice r of ``full``. After: every rank holds all of ``full``.
+
+        ``shard`` may be a view of ``full`` (the all-gather is then in place).
+        """
+        if self.world_size == 1:
+            if shard.data_ptr() != full.data_ptr():
+                full.copy_(shard)
+            return
+        self._wait(dist.all_gather_single(full, shard, group=self.group, async_op=True), what)
+
+    def broadcast_(self, tensor: Tensor, what: str, src: int = 0) -> None:
+        """Every rank: ``tensor`` becomes rank ``src``'s ``tensor`` (``src`` is a rank of this group)."""
+        if self.world_size > 1:
+            global_src = dist.get_global_rank(self.group, src)
+            self._wait(dist.broadcast(tensor, src=global_src, group=self.group, async_op=True), what)

@@ -1,0 +1,374 @@
+"""``ShardedOptimizer``: the coordinator each rank runs.
+
+One step, on every rank::
+
+    closure (if any) -> agree: which parameters have a gradient on any rank, problems, mean loss
+    per buffer: reduce the gradient (stage 2: reduce-scatter into this rank's shard;
+                stage 1: all-reduce the full gradient) -> update this rank's shard with the
+                algorithm -> all-gather the parameter shards into the flat buffer
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+from . import algorithms
+from . import state_dict as state_format
+from .buffer import ShardedBuffer
+from .comm import Comm
+from .layout import ParamSpec, Span, plan_buffers, runs
+
+GRAD_REDUCTIONS = ("mean", "sum", None)
+
+
+def _algorithm_defaults(torch_class: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """torch's own defaults and validation for ``kwargs``, from a throwaway torch optimizer."""
+    probe = torch.nn.Parameter(torch.zeros(1))
+    try:
+        return dict(torch_class([probe], **kwargs).defaults)
+    except TypeError as error:
+        if "unexpected keyword" not in str(error):
+            raise
+        accepted = [
+            name for name in inspect.signature(torch_class.__init__).parameters if name not in ("self", "params")
+        ]
+        raise TypeError(f"{error}; {torch_class.__name__} takes: {', '.join(accepted)}") from None
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim`` algorithm whose state is sharded across the ranks of a process group.
+
+    Args:
+        params: tensors, ``named_parameters()``, or param-group dicts, as torch.optim takes them.
+        optimizer_class: a torch.optim algorithm class (``torch.optim.AdamW``) or its name (``"adamw"``).
+        process_group: the data-parallel group; None means the default group, or a world of one
+            when torch.distributed is not initialised.
+        stage: 1 shards the optimizer state; 2 shards the gradients as well (``p.grad`` is
+            released by ``step()``).
+        grad_reduction: ``"mean"`` or ``"sum"`` of the ranks' gradients, or None when they are
+            already reduced (under DDP).
+        timeout: seconds (or a timedelta) any collective of ours may wait before raising.
+        bucket_cap_mb: the largest flat buffer, in MiB; each buffer is one reduction.
+        **kwargs: the algorithm's keywords, with torch.optim's names, defaults and validation.
+
+    Construction, ``step``, ``state_dict``, ``load_state_dict`` and ``add_param_group`` are
+    collective: every rank of the group calls them, in the same order.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        optimizer_class: type[torch.optim.Optimizer] | str,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        stage: int = 2,
+        grad_reduction: str | None = "mean",
+        timeout: float | timedelta = 300,
+        bucket_cap_mb: float = 25,
+        **kwargs: Any,
+    ) -> None:
+        self._algorithm = algorithms.resolve(optimizer_class)
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 (shard optimizer state) or 2 (shard gradients too), got {stage!r}")
+        if grad_reduction not in GRAD_REDUCTIONS:
+            raise ValueError(
+                f"grad_reduction must be 'mean', 'sum' or None (gradients already reduced), got {grad_reduction!r}"
+            )
+        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or bucket_cap_mb <= 0:
+            raise ValueError(f"bucket_cap_mb must be a positive number of MiB, got {bucket_cap_mb!r}")
+        if isinstance(params, Tensor):
+            raise TypeError(
+                "params argument given to the optimizer should be an iterable of Tensors or dicts, "
+                f"but got {torch.typename(params)}"
+            )
+        defaults = _algorithm_defaults(self._algorithm.torch_class, kwargs)
+        self._comm = Comm(process_group, timeout)
+        self._stage = stage
+        self._grad_reduction = grad_reduction
+        self._bucket_cap_bytes = int(bucket_cap_mb * 2**20)
+        self._scalar_dtype = _get_scalar_dtype()
+        self._buffers: list[ShardedBuffer] = []
+        # Parameters of the groups that did not require grad when added: kept in the
+        # groups (state_dict numbering counts them, as torch's does) but not sharded.
+        self._unsharded: list[tuple[int, int, Tensor]] = []
+        super().__init__(list(params), defaults)
+
+    # ------------------------------------------------------------------ groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, as torch.optim does; collective (its parameters are broadcast from rank 0)."""
+        super().add_param_group(param_group)
+        group_index = len(self.param_groups) - 1
+        try:
+            self._check_group(self.param_groups[group_index], group_index)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._shard_group(self.param_groups[group_index], group_index)
+
+    def _check_group(self, group: dict[str, Any], g: int) -> None:
+        for flag in ("capturable", "differentiable"):
+            if group.get(flag):
+                raise NotImplementedError(
+                    f"{flag}=True is not supported by shardopt yet (param group {g}); leave it False"
+                )
+        seen: set[Tensor] = set()
+        devices = {p.device for group in self.param_groups[:g] for p in group["params"]}
+        for i, param in enumerate(group["params"]):
+            where = self._describe(group, g, i)
+            if param in seen:
+                raise ValueError(f"{where} appears twice in the group; pass each parameter once")
+            seen.add(param)
+            if not param.is_leaf:
+                raise ValueError(f"can't optimize a non-leaf Tensor: {where} is the result of an operation")
+            if not (param.is_floating_point() and not param.is_complex()):
+                raise TypeError(f"{where} has dtype {param.dtype}; shardopt optimizes real floating-point tensors")
+            if param.layout is not torch.strided:
+                raise TypeError(f"{where} has layout {param.layout}; shardopt optimizes dense (strided) tensors")
+            devices.add(param.device)
+            if len(devices) > 1:
+                raise ValueError(
+                    f"parameters are on more than one device ({', '.join(sorted(map(str, devices)))}), "
+                    f"first differing at {where}; move the model to one device before creating the optimizer"
+                )
+            if self._comm.world_size > 1 and param.device.type != self._comm.device.type:
+                raise ValueError(
+                    f"{where} is on {param.device} but the process group's backend "
+                    f"({dist.get_backend(self._comm.group)}) communicates {self._comm.device.type} tensors; "
+                    "use NCCL for CUDA parameters and gloo for CPU ones"
+                )
+
+    @staticmethod
+    def _describe(group: dict[str, Any], g: int, i: int) -> str:
+        names = group.get("param_names")
+        name = f" ({names[i]!r})" if names else ""
+        return f"parameter {i}{name} of param group {g}"
+
+    def _shard_group(self, group: dict[str, Any], g: int) -> None:
+        trainable = []
+        for i, param in enumerate(group["params"]):
+            if param.requires_grad:
+                trainable.append(ParamSpec(i, tuple(param.shape), param.element_size(), (param.device, param.dtype)))
+            else:
+                self._unsharded.append((g, i, param))
+        scalar_names = tuple(self._algorithm.scalar_state(group))
+        for layout in plan_buffers(trainable, self._comm.world_size, bucket_cap_bytes=self._bucket_cap_bytes):
+            params = [group["params"][slot.index] for slot in layout.slots]
+            buffer = ShardedBuffer(layout, params, g, self._comm.rank, scalar_names)
+            # Every rank must start from the same parameters, as DDP ensures at construction.
+            self._comm.broadcast_(buffer.flat, "the broadcast of the initial parameters")
+            if self._algorithm.eager_state:
+                self._create_state(buffer, group, list(range(len(params))), [Span(0, layout.shard_numel)])
+            self._buffers.append(buffer)
+
+    # ------------------------------------------------------------------ step
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One optimizer step on every rank; returns the closure's loss averaged over ranks."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            has_grad, loss = self._agree(loss)
+            offset = 0
+            for buffer in self._buffers:
+                present = has_grad[offset : offset + len(buffer.params)]
+                offset += len(buffer.params)
+                if any(present):
+                    self._step_buffer(buffer, present)
+        return loss
+
+    def _agree(self, loss: Any) -> tuple[list[bool], Any]:
+        """One all-reduce: which parameters have a gradient on some rank, which have a bad one, the mean loss.
+
+        Before: each rank knows its own gradients and loss. After: every rank knows the
+        same has-gradient flags, raises the same error, and holds the same mean loss.
+        """
+        params = [p for buffer in self._buffers for p in buffer.params]
+        has_grad = [p.grad is not None for p in params]
+        sparse = [p.grad is not None and p.grad.is_sparse for p in params]
+        stray = [p.grad is not None for _, _, p in self._unsharded]
+        has_loss = loss is not None
+        local = torch.tensor(
+            has_grad + sparse + stray + [has_loss, float(loss) if has_loss else 0.0], dtype=torch.float64
+        )
+        agreed = local.to(self._comm.device)
+        self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()")
+        agreed = agreed.cpu()
+        count, world = len(params), self._comm.world_size
+        if agreed[count : 2 * count].any():
+            where = self._locate(int(agreed[count : 2 * count].nonzero()[0]))
+            raise RuntimeError(
+                f"{where} has a sparse gradient; {self._algorithm.torch_class.__name__} takes dense gradients"
+            )
+        if agreed[2 * count : -2].any():
+            g, i, _ = self._unsharded[int(agreed[2 * count : -2].nonzero()[0])]
+            raise RuntimeError(
+                f"{self._describe(self.param_groups[g], g, i)} has a gradient but did not require grad when it "
+                "was given to the optimizer; create the optimizer after unfreezing it, or add it with "
+                "add_param_group"
+            )
+        if agreed[-2] not in (0, world):
+            raise RuntimeError(
+                f"the closure returned a loss on {int(agreed[-2])} of {world} ranks; return one on every rank"
+            )
+        if has_loss and world > 1:
+            mean = agreed[-1].item() / world
+            loss = torch.tensor(mean, dtype=loss.dtype, device=loss.device) if isinstance(loss, Tensor) else mean
+        return (agreed[:count] > 0).tolist(), loss
+
+    def _locate(self, position: int) -> str:
+        """Describe the parameter at ``position`` in the buffers' concatenated parameter order."""
+        for buffer in self._buffers:
+            if position < len(buffer.params):
+                g = buffer.group_index
+                return self._describe(self.param_groups[g], g, buffer.layout.slots[position].index)
+            position -= len(buffer.params)
+        raise IndexError(position)
+
+    def _step_buffer(self, buffer: ShardedBuffer, has_grad: list[bool]) -> None:
+        grad_shard = self._reduce_grads(buffer, has_grad)
+        self._update(buffer, grad_shard, has_grad)
+        self._comm.all_gather(buffer.flat, buffer.param_shard, "the all-gather of updated parameters")
+
+    def _reduce_grads(self, buffer: ShardedBuffer, has_grad: list[bool]) -> Tensor:
+        """This rank's shard of the reduced gradient of ``buffer``."""
+        comm, reduce = self._comm, self._grad_reduction is not None
+        if self._stage == 1:
+            if buffer.full_grad is None:
+                buffer.full_grad = torch.zeros_like(buffer.flat)
+            full = buffer.full_grad
+            buffer.flatten_grads(full, release=False)
+            if reduce:
+                comm.all_reduce_(full, "the gradient all-reduce")
+                if self._grad_reduction == "mean" and comm.world_size > 1:
+                    full.div_(comm.world_size)
+            buffer.bind_grads(full, has_grad)
+            return full[buffer.shard.slice]
+        full = torch.zeros_like(buffer.flat)
+        buffer.flatten_grads(full, release=True)
+        if buffer.grad_shard is None:
+            buffer.grad_shard = torch.empty_like(buffer.param_shard)
+        shard = buffer.grad_shard
+        if reduce:
+            comm.reduce_scatter(shard, full, "the gradient reduce-scatter")
+            if self._grad_reduction == "mean" and comm.world_size > 1:
+                shard.div_(comm.world_size)
+        else:
+            shard.copy_(full[buffer.shard.slice])
+        return shard
+
+    def _create_state(self, buffer: ShardedBuffer, group: dict[str, Any], slots: list[int], spans: list[Span]) -> None:
+        """torch's initial state for ``slots``, whose elements in this shard are ``spans``."""
+        algorithm = self._algorithm
+        for name, value in algorithm.scalar_state(group).items():
+            rounded = torch.tensor(value, dtype=self._scalar_dtype).item()
+            for slot in slots:
+                buffer.scalars[name][slot] = rounded
+        for name in algorithm.tensor_state(group):
+            tensor = buffer.state_tensor(name)
+            fill = algorithm.initial_value(name, group)
+            for span in spans:
+                tensor[span.slice].fill_(fill)
+        if buffer.scalars or algorithm.tensor_state(group):
+            for slot in slots:
+                buffer.initialized[slot] = True
+
+    def _update(self, buffer: ShardedBuffer, grad_shard: Tensor, has_grad: list[bool]) -> None:
+        """Run the algorithm over this rank's shard, one call per contiguous span whose
+        parameters share their scalar state (usually one span: the whole shard)."""
+        group = self.param_groups[buffer.group_index]
+        algorithm = self._algorithm
+        fresh = [present and not initialized for present, initialized in zip(has_grad, buffer.initialized)]
+        names = algorithm.tensor_state(group)
+        keys = [
+            (fresh[s], tuple(values[s] for values in buffer.scalars.values())) if has_grad[s] else None
+            for s in range(len(buffer.params))
+        ]
+        spans = runs(buffer.pieces, keys)
+        for key in dict.fromkeys(k for k in keys if k is not None):
+            is_fresh, values = key
+            slots = [s for s, k in enumerate(keys) if k == key]
+            key_spans = spans.get(key) or [Span(0, 0)]  # no element here: still advance the scalars
+            if is_fresh:
+                self._create_state(buffer, group, slots, key_spans)
+                values = tuple(buffer.scalars[name][slots[0]] for name in buffer.scalars)
+            state = {name: buffer.state_tensor(name) for name in names}
+            for span in key_spans:
+                scalars = {
+                    name: torch.tensor(value, dtype=self._scalar_dtype) for name, value in zip(buffer.scalars, values)
+                }
+                algorithm.update(
+                    buffer.param_shard[span.slice],
+                    grad_shard[span.slice],
+                    {name: tensor[span.slice] for name, tensor in state.items()},
+                    scalars,
+                    group,
+                    is_fresh,
+                )
+            for name, scalar in scalars.items():
+                value = scalar.item()
+                for slot in slots:
+                    buffer.scalars[name][slot] = value
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Collective: the full state, in ``torch.optim.<Algo>.state_dict()``'s format, on every rank."""
+        states: dict[Tensor, state_format.StateEntry] = {}
+        for buffer in self._buffers:
+            entries = state_format.gather_buffer_state(buffer, self._comm, self._scalar_dtype)
+            for slot, entry in entries.items():
+                states[buffer.params[slot]] = entry
+        if self._algorithm.eager_state:
+            for g, _, param in self._unsharded:
+                states[param] = state_format.initial_entry(
+                    self._algorithm, self.param_groups[g], param, self._scalar_dtype
+                )
+        return state_format.pack(self.param_groups, states)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a dict in torch.optim's format, from any world size or from plain torch.optim.
+
+        Everything is checked before anything changes: a dict for another model raises
+        ValueError naming the first mismatch and leaves this optimizer as it was.
+        """
+        new_groups, states = state_format.unpack(state_dict, self.param_groups, self.defaults)
+        for g, group in enumerate(new_groups):
+            self._check_group(group, g)
+            for i, param in enumerate(group["params"]):
+                if param in states:
+                    state_format.check_entry(states[param], param, self._algorithm, group, self._describe(group, g, i))
+        self.param_groups[:] = new_groups
+        for buffer in self._buffers:
+            group = new_groups[buffer.group_index]
+            entries = [states.get(param) for param in buffer.params]
+            state_format.load_buffer_state(buffer, entries, self._algorithm.tensor_state(group))
+
+    # ------------------------------------------------------------------ introspection
+
+    def memory_stats(self) -> dict[str, int]:
+        """This rank's bytes: the full parameters it holds, its gradients (stage 1: full; stage 2:
+        its shard) and its shard of the optimizer state."""
+        return {
+            "param_bytes": sum(b.flat.numel() * b.flat.element_size() for b in self._buffers),
+            "grad_bytes": sum(b.grad_bytes(self._stage) for b in self._buffers),
+            "state_bytes": sum(b.state_bytes() for b in self._buffers),
+        }
+
+    @property
+    def rank(self) -> int:
+        return self._comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.world_size
