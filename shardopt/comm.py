@@ -7,6 +7,7 @@ of a hang as long as the process group's own timeout (30 minutes by default).
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 
 import torch
@@ -22,8 +23,8 @@ def as_timedelta(timeout: float | timedelta) -> timedelta:
         seconds = float(timeout)
     else:
         raise TypeError(f"timeout must be seconds (a number) or a timedelta, got {type(timeout).__name__}")
-    if not seconds > 0:
-        raise ValueError(f"timeout must be positive, got {seconds} seconds")
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"timeout must be a finite positive number of seconds, got {seconds}")
     return timedelta(seconds=seconds)
 
 

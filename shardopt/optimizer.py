@@ -11,6 +11,7 @@ One step, on every rank::
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any
@@ -76,18 +77,29 @@ class ShardedOptimizer(torch.optim.Optimizer):
         **kwargs: Any,
     ) -> None:
         self._algorithm = algorithms.resolve(optimizer_class)
-        if stage not in (1, 2):
+        if isinstance(stage, bool) or stage not in (1, 2):
             raise ValueError(f"stage must be 1 (shard optimizer state) or 2 (shard gradients too), got {stage!r}")
         if grad_reduction not in GRAD_REDUCTIONS:
             raise ValueError(
                 f"grad_reduction must be 'mean', 'sum' or None (gradients already reduced), got {grad_reduction!r}"
             )
-        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or bucket_cap_mb <= 0:
-            raise ValueError(f"bucket_cap_mb must be a positive number of MiB, got {bucket_cap_mb!r}")
+        if (
+            isinstance(bucket_cap_mb, bool)
+            or not isinstance(bucket_cap_mb, (int, float))
+            or not 0 < bucket_cap_mb < math.inf
+        ):
+            raise ValueError(f"bucket_cap_mb must be a finite positive number of MiB, got {bucket_cap_mb!r}")
         if isinstance(params, Tensor):
             raise TypeError(
                 "params argument given to the optimizer should be an iterable of Tensors or dicts, "
                 f"but got {torch.typename(params)}"
+            )
+        if isinstance(params, (set, frozenset)):
+            # torch.optim tolerates a set here, but its order differs between processes:
+            # ranks would pack different layouts and exchange the wrong elements.
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the ordering of "
+                "tensors in sets differs between processes; pass a list (e.g. list(model.parameters()))"
             )
         defaults = _algorithm_defaults(self._algorithm.torch_class, kwargs)
         self._comm = Comm(process_group, timeout)

@@ -44,13 +44,14 @@ def flat_params(model: nn.Module) -> torch.Tensor:
 
 def set_mean_grads(model: nn.Module, world_size: int, step: int, scale: float = 1) -> None:
     """Give every parameter the mean over ``world_size`` ranks' gradients (times ``scale``), as if all-reduced."""
-    total = [torch.zeros_like(p) for p in model.parameters()]
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
     for rank in range(world_size):
         model.zero_grad(set_to_none=True)
         loss_of(model, rank, step).backward()
-        for acc, p in zip(total, model.parameters()):
+        for acc, p in zip(total, params):
             acc += p.grad
-    for acc, p in zip(total, model.parameters()):
+    for acc, p in zip(total, params):
         p.grad = acc / world_size if scale == 1 else acc / world_size * scale
 
 
@@ -71,9 +72,17 @@ def reference_run(
         set_mean_grads(model, world_size, step, grad_scale)
         optimizer.step()
         if scheduler is not None:
-            scheduler.step()
+            step_scheduler(scheduler)
         trajectory.append(flat_params(model))
     return trajectory, optimizer.state_dict()
+
+
+def step_scheduler(scheduler: Any) -> None:
+    """ReduceLROnPlateau takes a metric: a constant one, so that it sees a plateau."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(1.0)
+    else:
+        scheduler.step()
 
 
 def assert_trajectories_close(

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 import torch
-from tests.cases import CASES, case_id
 from torch import Tensor
 
 from shardopt.algorithms import ALGORITHMS, Algorithm, Group
+from tests.cases import CASES, case_id
 
 SHAPES = ((7, 5), (5,), (3, 3))
 STEPS = 10

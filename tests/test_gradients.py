@@ -1,0 +1,183 @@
+"""Which gradients a step uses: None on every rank, None on some ranks, written into .grad directly,
+several buffers and dtypes, stage 1 vs stage 2 gradient handling, closures."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+
+import shardopt
+from tests.common import assert_state_dicts_equal, assert_trajectories_close
+from tests.world import run_world
+
+STEPS = 8
+SHAPES = ((7, 5), (5,), (13,), (3, 3))
+DTYPES = (torch.float32, torch.float32, torch.float64, torch.float32)
+ALGORITHMS = [
+    (torch.optim.Adam, {"lr": 1e-2, "weight_decay": 0.1}),
+    (torch.optim.AdamW, {"lr": 1e-2}),
+    (torch.optim.Adamax, {"lr": 1e-2}),
+    (torch.optim.NAdam, {"lr": 1e-2}),
+    (torch.optim.RAdam, {"lr": 1e-2}),
+    (torch.optim.Adagrad, {"lr": 1e-1, "lr_decay": 0.1}),
+    (torch.optim.Adadelta, {"weight_decay": 0.1}),
+    (torch.optim.RMSprop, {"lr": 1e-2, "centered": True, "momentum": 0.5}),
+    (torch.optim.Rprop, {"lr": 1e-2}),
+    (torch.optim.SGD, {"lr": 1e-1, "momentum": 0.9, "dampening": 0.3}),
+    (torch.optim.ASGD, {"lr": 5e-2, "t0": 2}),
+]
+# Small buckets put every parameter in a buffer of its own; the float64 one always is.
+LAYOUTS = {"one-bucket": {}, "many-buckets": {"bucket_cap_mb": 1e-4}, "stage1": {"stage": 1}}
+
+
+def make_params() -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=d)) for s, d in zip(SHAPES, DTYPES)]
+
+
+def grad_for(rank: int, step: int, index: int) -> torch.Tensor | None:
+    """Parameter 2 has no gradient anywhere for three steps, then on rank 0 only, then everywhere;
+    parameter 3 has none anywhere at steps 4 and 5 (its step count must fall behind)."""
+    if index == 2 and (step < 3 or (step < 6 and rank != 0)):
+        return None
+    if index == 3 and step in (4, 5):
+        return None
+    generator = torch.Generator().manual_seed(10_000 * step + 100 * rank + index)
+    return torch.randn(SHAPES[index], generator=generator, dtype=DTYPES[index])
+
+
+def sharded_run(cases: list[tuple[type, dict[str, Any]]], options: dict[str, Any]) -> list[Any]:
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    results = []
+    for optimizer_class, kwargs in cases:
+        params = make_params()
+        optimizer = shardopt.ShardedOptimizer(params, optimizer_class, **options, **kwargs)
+        trajectory = []
+        for step in range(STEPS):
+            optimizer.zero_grad()
+            for index, param in enumerate(params):
+                param.grad = grad_for(rank, step, index)  # written directly, not by backward()
+            optimizer.step()
+            trajectory.append(torch.cat([p.detach().double().reshape(-1) for p in params]))
+        results.append((trajectory, optimizer.state_dict()))
+    return results
+
+
+def reference_run(optimizer_class: type, kwargs: dict[str, Any], world_size: int) -> tuple[list, dict]:
+    params = make_params()
+    optimizer = optimizer_class(params, **kwargs)
+    trajectory = []
+    for step in range(STEPS):
+        for index, param in enumerate(params):
+            grads = [g for r in range(world_size) if (g := grad_for(r, step, index)) is not None]
+            param.grad = sum(grads) / world_size if grads else None
+        optimizer.step()
+        trajectory.append(torch.cat([p.detach().double().reshape(-1) for p in params]))
+    return trajectory, optimizer.state_dict()
+
+
+@functools.cache
+def results(world_size: int, layout: str) -> list[Any]:
+    return run_world(sharded_run, world_size, ALGORITHMS, LAYOUTS[layout])[0]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize(("index", "case"), list(enumerate(ALGORITHMS)), ids=[c[0].__name__ for c in ALGORITHMS])
+def test_missing_gradients_follow_torch(index: int, case: tuple, world_size: int, layout: str) -> None:
+    optimizer_class, kwargs = case
+    trajectory, state = results(world_size, layout)[index]
+    reference, reference_state = reference_run(optimizer_class, kwargs, world_size)
+    label = f"{optimizer_class.__name__} N={world_size} {layout}"
+    assert_trajectories_close(trajectory, reference, label)
+    assert_state_dicts_equal(state, reference_state, label)
+    if not optimizer_class.__name__ == "Adagrad":  # Adagrad creates its state up front
+        assert 2 in reference_state["state"]  # parameter 2 has stepped by now...
+    untouched = trajectory[2][35 + 5 : 35 + 5 + 13]  # ...but not in the first three steps
+    assert torch.equal(untouched, make_params()[2].detach().double().reshape(-1))
+
+
+def gradient_handling(stage: int) -> dict[str, Any]:
+    """What p.grad holds after step() at each stage, and what memory_stats() says of it."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    params = make_params()
+    optimizer = shardopt.SGD(params, lr=0.1, stage=stage)
+    for index, param in enumerate(params):
+        param.grad = grad_for(rank, 6, index)
+    optimizer.step()
+    expected = [sum(grad_for(r, 6, i) for r in range(world)) / world for i in range(len(params))]
+    return {
+        "grads": [p.grad for p in params],
+        "expected": expected,
+        "stats": optimizer.memory_stats(),
+        "shard": optimizer._buffers[0].layout.shard_numel,
+    }
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_stage_decides_what_p_grad_holds_after_step(stage: int) -> None:
+    result = run_world(gradient_handling, 2, stage)[1]
+    if stage == 1:  # the mean gradient, as under DDP
+        for grad, expected in zip(result["grads"], result["expected"]):
+            torch.testing.assert_close(grad, expected)
+    else:  # released: this rank keeps only its shard of the reduced gradient
+        assert all(grad is None for grad in result["grads"])
+    float32_numel = sum(torch.Size(s).numel() for s, d in zip(SHAPES, DTYPES) if d == torch.float32)
+    if stage == 1:
+        assert result["stats"]["grad_bytes"] >= float32_numel * 4
+    else:
+        assert result["stats"]["grad_bytes"] < float32_numel * 4
+
+
+def closure_run() -> dict[str, Any]:
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    params = make_params()
+    optimizer = shardopt.SGD(params, lr=0.1)
+    calls = []
+
+    def closure() -> torch.Tensor:
+        calls.append(torch.is_grad_enabled())
+        optimizer.zero_grad()
+        loss = (params[0] * (rank + 1)).sum()
+        loss.backward()
+        return loss
+
+    before = params[0].detach().clone()
+    loss = optimizer.step(closure)
+    return {"loss": loss, "calls": calls, "before": before, "after": params[0].detach().clone()}
+
+
+def test_closure_runs_once_per_rank_with_grad_and_returns_mean_loss() -> None:
+    world = 3
+    per_rank = run_world(closure_run, world)
+    total = per_rank[0]["before"].sum()
+    expected_loss = sum(total * (r + 1) for r in range(world)) / world
+    expected_grad = sum(r + 1 for r in range(world)) / world
+    for result in per_rank:
+        assert result["calls"] == [True]
+        torch.testing.assert_close(result["loss"], expected_loss)
+        torch.testing.assert_close(result["after"], result["before"] - 0.1 * expected_grad)
+
+
+def test_closure_in_a_world_of_one_returns_its_own_loss() -> None:
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = shardopt.Adam([param], lr=0.1)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = (param**2).sum()
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    assert loss.item() == 3.0
+    assert optimizer.state_dict()["state"][0]["step"].item() == 1.0

@@ -1,0 +1,119 @@
+"""Param groups as torch.optim has them: several groups with their own keywords, frozen
+parameters, named parameters, and add_param_group in the middle of training."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+
+import shardopt
+from tests.common import (
+    assert_state_dicts_equal,
+    assert_trajectories_close,
+    flat_params,
+    loss_of,
+    make_model,
+    set_mean_grads,
+)
+from tests.world import run_world
+
+STEPS = 6
+ADD_AT = 3  # the step before which the "scale" parameter's group is added
+ALGORITHMS = [
+    (torch.optim.AdamW, {"lr": 1e-2}),
+    (torch.optim.Adagrad, {"lr": 1e-1}),
+    (torch.optim.SGD, {"lr": 1e-1, "momentum": 0.9}),
+]
+
+
+def groups_of(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Two groups with their own keywords; the bias of the hidden layer is frozen."""
+    model.hidden.bias.requires_grad_(False)
+    return [
+        {"params": [model.hidden.weight, model.hidden.bias], "weight_decay": 0.2},
+        {"params": [model.out.weight, model.out.bias], "lr": 3e-2},
+    ]
+
+
+def train(optimizer_factory: Any, model: torch.nn.Module, rank: int | None, world_size: int) -> list[torch.Tensor]:
+    """STEPS steps; the "scale" parameter joins through add_param_group before step ADD_AT."""
+    model.scale.requires_grad_(False)
+    optimizer = optimizer_factory(groups_of(model))
+    trajectory = []
+    for step in range(STEPS):
+        if step == ADD_AT:
+            model.scale.requires_grad_(True)
+            optimizer.add_param_group({"params": [model.scale], "lr": 5e-3})
+        if rank is None:
+            set_mean_grads(model, world_size, step)
+        else:
+            optimizer.zero_grad()
+            loss_of(model, rank, step).backward()
+        optimizer.step()
+        trajectory.append(flat_params(model))
+    return trajectory, optimizer.state_dict()
+
+
+def sharded(cases: list) -> list[Any]:
+    import torch.distributed as dist
+
+    results = []
+    for optimizer_class, kwargs in cases:
+
+        def factory(groups: list, cls: type = optimizer_class, kw: dict = kwargs) -> shardopt.ShardedOptimizer:
+            return shardopt.ShardedOptimizer(groups, cls, **kw)
+
+        results.append(train(factory, make_model(), dist.get_rank(), dist.get_world_size()))
+    return results
+
+
+@functools.cache
+def sharded_results(world_size: int) -> list[Any]:
+    return run_world(sharded, world_size, ALGORITHMS)[0]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize(("index", "case"), list(enumerate(ALGORITHMS)), ids=[c[0].__name__ for c in ALGORITHMS])
+def test_groups_frozen_parameters_and_added_group_follow_torch(index: int, case: tuple, world_size: int) -> None:
+    optimizer_class, kwargs = case
+    trajectory, state = sharded_results(world_size)[index]
+
+    def factory(groups: list) -> torch.optim.Optimizer:
+        return optimizer_class(groups, **kwargs)
+
+    reference, reference_state = train(factory, make_model(), None, world_size)
+    label = f"{optimizer_class.__name__} N={world_size}"
+    assert_trajectories_close(trajectory, reference, label)
+    assert_state_dicts_equal(state, reference_state, label)
+
+
+def test_named_parameters_give_groups_param_names() -> None:
+    model = make_model()
+    optimizer = shardopt.Adam(model.named_parameters(), lr=1e-3)
+    reference = torch.optim.Adam(make_model().named_parameters(), lr=1e-3)
+    assert optimizer.param_groups[0]["param_names"] == [name for name, _ in model.named_parameters()]
+    assert_state_dicts_equal(optimizer.state_dict(), reference.state_dict(), "named", rtol=0, atol=0)
+
+
+def test_groups_hold_the_users_parameters_in_order() -> None:
+    model = make_model()
+    params = list(model.parameters())
+    optimizer = shardopt.SGD([{"params": params[2:]}, {"params": params[:2], "lr": 0.5}], lr=0.1)
+    assert [p for g in optimizer.param_groups for p in g["params"]] == params[2:] + params[:2]
+    assert all(a is b for a, b in zip(optimizer.param_groups[0]["params"], params[2:]))
+    assert optimizer.param_groups[1]["lr"] == 0.5 and optimizer.param_groups[0]["lr"] == 0.1
+
+
+def test_param_group_edits_take_effect_at_the_next_step() -> None:
+    model, reference_model = make_model(), make_model()
+    optimizer = shardopt.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.99))
+    reference = torch.optim.Adam(reference_model.parameters(), lr=1e-2, betas=(0.9, 0.99))
+    for step in range(4):
+        for m, o in ((model, optimizer), (reference_model, reference)):
+            set_mean_grads(m, 1, step)
+            o.param_groups[0].update(lr=1e-2 * (step + 1), betas=(0.8, 0.9 + 0.02 * step), weight_decay=0.1 * step)
+            o.step()
+        torch.testing.assert_close(flat_params(model), flat_params(reference_model), rtol=1e-5, atol=1e-6)
