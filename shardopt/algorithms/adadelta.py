@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from .base import Algorithm, Group
+from .base import Algorithm, Group, apply_weight_decay
 
 
 class Adadelta(Algorithm):
@@ -25,14 +25,13 @@ class Adadelta(Algorithm):
         fresh: bool,
     ) -> None:
         lr = _to_scalar(group["lr"])
-        rho, eps, weight_decay = group["rho"], group["eps"], group["weight_decay"]
+        rho, eps = group["rho"], group["eps"]
         square_avg, acc_delta = state["square_avg"], state["acc_delta"]
 
         scalars["step"] += 1
         if group["maximize"]:
             grad = -grad
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
+        grad = apply_weight_decay(param, grad, group, lr)
 
         square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho)
         std = square_avg.add(eps).sqrt_()

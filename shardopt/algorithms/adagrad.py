@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from .base import Algorithm, Group
+from .base import Algorithm, Group, apply_weight_decay
 
 
 class Adagrad(Algorithm):
@@ -29,7 +29,7 @@ class Adagrad(Algorithm):
         fresh: bool,
     ) -> None:
         lr = _to_scalar(group["lr"])
-        weight_decay, lr_decay, eps = group["weight_decay"], group["lr_decay"], group["eps"]
+        lr_decay, eps = group["lr_decay"], group["eps"]
         state_sum = state["sum"]
 
         step_t = scalars["step"]
@@ -37,8 +37,7 @@ class Adagrad(Algorithm):
         step = step_t.item()
         if group["maximize"]:
             grad = -grad
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
+        grad = apply_weight_decay(param, grad, group, lr)
 
         clr = lr / (1 + (step - 1) * lr_decay)
         state_sum.addcmul_(grad, grad, value=1)

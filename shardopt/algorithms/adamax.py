@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from .base import Algorithm, Group
+from .base import Algorithm, Group, apply_weight_decay
 
 
 class Adamax(Algorithm):
@@ -26,15 +26,14 @@ class Adamax(Algorithm):
     ) -> None:
         lr = _to_scalar(group["lr"])
         beta1, beta2 = group["betas"]
-        weight_decay, eps = group["weight_decay"], group["eps"]
+        eps = group["eps"]
         exp_avg, exp_inf = state["exp_avg"], state["exp_inf"]
         if group["maximize"]:
             grad = -grad
 
         step_t = scalars["step"]
         step_t += 1
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
+        grad = apply_weight_decay(param, grad, group, lr)
 
         exp_avg.lerp_(grad, 1 - beta1)
         torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from .base import Algorithm, Group
+from .base import Algorithm, Group, apply_weight_decay
 
 
 class ASGD(Algorithm):
@@ -28,15 +28,14 @@ class ASGD(Algorithm):
         fresh: bool,
     ) -> None:
         lr = _to_scalar(group["lr"])
-        lambd, alpha, t0, weight_decay = group["lambd"], group["alpha"], group["t0"], group["weight_decay"]
+        lambd, alpha, t0 = group["lambd"], group["alpha"], group["t0"]
         step_t, eta, mu = scalars["step"], scalars["eta"], scalars["mu"]
         ax = state["ax"]
         if group["maximize"]:
             grad = -grad
 
         step_t += 1
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
+        grad = apply_weight_decay(param, grad, group, lr)
 
         eta_value = eta.item()
         param.mul_(1 - lambd * eta_value)

@@ -59,3 +59,15 @@ class Algorithm(ABC):
         every parameter of the slice; update them in place as torch does (``step += 1``).
         ``fresh`` is True on the step that created the slice's state.
         """
+
+
+def apply_weight_decay(param: Tensor, grad: Tensor, group: Group, lr: float | Tensor) -> Tensor:
+    """torch's weight decay: an L2 term added to the gradient, or (``decoupled_weight_decay``)
+    the parameter shrunk in place before the update. Returns the gradient to use."""
+    weight_decay = group["weight_decay"]
+    if weight_decay == 0:
+        return grad
+    if group.get("decoupled_weight_decay"):
+        param.mul_(1 - lr * weight_decay)
+        return grad
+    return grad.add(param, alpha=weight_decay)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from .base import Algorithm, Group
+from .base import Algorithm, Group, apply_weight_decay
 
 
 class NAdam(Algorithm):
@@ -29,7 +29,7 @@ class NAdam(Algorithm):
     ) -> None:
         lr = _to_scalar(group["lr"])
         beta1, beta2 = group["betas"]
-        weight_decay, eps, momentum_decay = group["weight_decay"], group["eps"], group["momentum_decay"]
+        eps, momentum_decay = group["eps"], group["momentum_decay"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if group["maximize"]:
             grad = -grad
@@ -39,11 +39,7 @@ class NAdam(Algorithm):
         step = step_t.item()
         bias_correction2 = 1 - beta2**step
 
-        if weight_decay != 0:
-            if group["decoupled_weight_decay"]:
-                param.mul_(1 - lr * weight_decay)
-            else:
-                grad = grad.add(param, alpha=weight_decay)
+        grad = apply_weight_decay(param, grad, group, lr)
 
         mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
         mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))

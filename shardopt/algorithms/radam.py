@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from .base import Algorithm, Group
+from .base import Algorithm, Group, apply_weight_decay
 
 
 class RAdam(Algorithm):
@@ -26,7 +26,7 @@ class RAdam(Algorithm):
     ) -> None:
         lr = _to_scalar(group["lr"])
         beta1, beta2 = group["betas"]
-        weight_decay, eps = group["weight_decay"], group["eps"]
+        eps = group["eps"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         if group["maximize"]:
             grad = -grad
@@ -35,11 +35,7 @@ class RAdam(Algorithm):
         step_t += 1
         step = step_t.item()
 
-        if weight_decay != 0:
-            if group["decoupled_weight_decay"]:
-                param.mul_(1 - lr * weight_decay)
-            else:
-                grad = grad.add(param, alpha=weight_decay)
+        grad = apply_weight_decay(param, grad, group, lr)
 
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

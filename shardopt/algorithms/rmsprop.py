@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from .base import Algorithm, Group
+from .base import Algorithm, Group, apply_weight_decay
 
 
 class RMSprop(Algorithm):
@@ -31,14 +31,13 @@ class RMSprop(Algorithm):
     ) -> None:
         lr = _to_scalar(group["lr"])
         alpha, eps = group["alpha"], group["eps"]
-        weight_decay, momentum = group["weight_decay"], group["momentum"]
+        momentum = group["momentum"]
         square_avg = state["square_avg"]
         if group["maximize"]:
             grad = -grad
 
         scalars["step"] += 1
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
+        grad = apply_weight_decay(param, grad, group, lr)
 
         square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
         if group["centered"]:

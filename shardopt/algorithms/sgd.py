@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from .base import Algorithm, Group
+from .base import Algorithm, Group, apply_weight_decay
 
 
 class SGD(Algorithm):
@@ -28,12 +28,11 @@ class SGD(Algorithm):
         fresh: bool,
     ) -> None:
         lr = _to_scalar(group["lr"])
-        weight_decay, momentum = group["weight_decay"], group["momentum"]
+        momentum = group["momentum"]
         if group["maximize"]:
             grad = -grad
 
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
+        grad = apply_weight_decay(param, grad, group, lr)
 
         if momentum != 0:
             buf = state["momentum_buffer"]
