@@ -181,3 +181,72 @@ def test_closure_in_a_world_of_one_returns_its_own_loss() -> None:
     loss = optimizer.step(closure)
     assert loss.item() == 3.0
     assert optimizer.state_dict()["state"][0]["step"].item() == 1.0
+
+
+def accumulate_without_zeroing(stage: int) -> list[torch.Tensor]:
+    """Two backward passes per step into the same .grad (zero_grad(set_to_none=False) between steps)."""
+    import torch.distributed as dist
+
+    from tests.common import flat_params, loss_of, make_model
+
+    rank = dist.get_rank()
+    model = make_model()
+    optimizer = shardopt.Adam(model.parameters(), lr=1e-2, stage=stage)
+    trajectory = []
+    for step in range(4):
+        optimizer.zero_grad(set_to_none=False)
+        loss_of(model, rank, 2 * step).backward()
+        loss_of(model, rank, 2 * step + 1).backward()
+        optimizer.step()
+        trajectory.append(flat_params(model))
+    return trajectory
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_gradients_accumulated_in_place_across_backward_passes(stage: int) -> None:
+    from tests.common import flat_params, loss_of, make_model
+
+    world = 2
+    trajectory = run_world(accumulate_without_zeroing, world, stage)[0]
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    reference = []
+    for step in range(4):
+        total = [torch.zeros_like(p) for p in model.parameters()]
+        for rank in range(world):
+            model.zero_grad()
+            (loss_of(model, rank, 2 * step) + loss_of(model, rank, 2 * step + 1)).backward()
+            total = [t + p.grad for t, p in zip(total, model.parameters())]
+        for t, p in zip(total, model.parameters()):
+            p.grad = t / world
+        optimizer.step()
+        reference.append(flat_params(model))
+    assert_trajectories_close(trajectory, reference, f"accumulation stage {stage}")
+
+
+def stuck_peer() -> dict[str, Any]:
+    """Rank 1 never calls step(): rank 0's step must raise within its timeout, naming the collective."""
+    import time
+
+    import torch.distributed as dist
+
+    params = make_params()
+    optimizer = shardopt.SGD(params, lr=0.1, timeout=2)
+    if dist.get_rank() == 1:
+        time.sleep(6)
+        return {}
+    for index, param in enumerate(params):
+        param.grad = grad_for(0, 0, index)
+    started = time.monotonic()
+    try:
+        optimizer.step()
+    except RuntimeError as error:
+        return {"error": str(error), "seconds": time.monotonic() - started}
+    return {"error": None}
+
+
+def test_a_peer_that_never_steps_is_an_error_within_the_timeout() -> None:
+    result = run_world(stuck_peer, 2)[0]
+    assert result["error"] is not None
+    assert "did not complete within 2 s" in result["error"] and "start of step()" in result["error"]
+    assert result["seconds"] < 10
