@@ -8,6 +8,9 @@ from torch import Tensor
 
 from .layout import BufferLayout, Span
 
+# What a parameter's .grad held when its buffer was flattened.
+NO_GRAD, DENSE, SPARSE = 0, 1, 2
+
 
 class ShardedBuffer:
     """The parameters of one buffer layout and everything this rank keeps for them.
@@ -42,9 +45,27 @@ class ShardedBuffer:
         self.state: dict[str, Tensor] = {}
         self.scalars: dict[str, list[float]] = {name: [0.0] * len(params) for name in scalar_names}
         self.initialized = [False] * len(params)
+        # True while every parameter has the same scalar state and initialisation: then one
+        # update call covers the whole shard.
+        self.uniform = True
         # Stage 1 keeps the full reduced gradient (p.grad are views of it); stage 2 keeps its shard only.
         self.full_grad: Tensor | None = None
         self.grad_shard: Tensor | None = None
+
+    def set_scalars(self, name: str, slots: list[int], value: float) -> None:
+        values = self.scalars[name]
+        if len(slots) == len(values):
+            values[:] = [value] * len(values)
+        else:
+            for slot in slots:
+                values[slot] = value
+
+    def set_initialized(self, slots: list[int]) -> None:
+        if len(slots) == len(self.initialized):
+            self.initialized = [True] * len(slots)
+        else:
+            for slot in slots:
+                self.initialized[slot] = True
 
     @property
     def param_shard(self) -> Tensor:
@@ -56,22 +77,28 @@ class ShardedBuffer:
             self.state[name] = torch.zeros(self.layout.shard_numel, dtype=self.flat.dtype, device=self.flat.device)
         return self.state[name]
 
-    def flatten_grads(self, out: Tensor, release: bool) -> None:
-        """Write every parameter's ``.grad`` into its span of ``out`` (zeros where it is None).
+    def grad_codes(self) -> list[int]:
+        """What each parameter's ``.grad`` holds now: NO_GRAD, DENSE or SPARSE."""
+        return [NO_GRAD if p.grad is None else SPARSE if p.grad.is_sparse else DENSE for p in self.params]
 
-        Alignment gaps of ``out`` are left as they are: callers hand a zeroed buffer.
-        With ``release`` the parameters' gradients are dropped as soon as they are copied,
-        so at most one of them exists twice at a time.
+    def flatten_grads(self, out: Tensor, release: bool) -> list[int]:
+        """Write every parameter's ``.grad`` into its span of ``out``; returns :meth:`grad_codes`.
+
+        Missing and sparse gradients leave zeros (a sparse one is an error the caller raises on
+        every rank). Alignment gaps of ``out`` are left as they are: callers hand a zeroed buffer.
+        With ``release`` each gradient is dropped as soon as it is copied, so at most one of them
+        exists twice at a time.
         """
-        for slot, param in zip(self.layout.slots, self.params):
+        codes = self.grad_codes()
+        for slot, param, code in zip(self.layout.slots, self.params, codes):
             span = out[slot.span.slice]
-            grad = param.grad
-            if grad is None:
+            if code != DENSE:
                 span.zero_()
-            elif grad.data_ptr() != span.data_ptr() or grad.shape != slot.shape:
-                span.copy_(grad.reshape(-1))
+            elif param.grad.data_ptr() != span.data_ptr() or param.grad.shape != slot.shape:
+                span.copy_(param.grad.reshape(-1))
             if release:
                 param.grad = None
+        return codes
 
     def bind_grads(self, full: Tensor, has_grad: list[bool]) -> None:
         """Make the gradients of the parameters that have one views of the reduced ``full`` buffer."""

@@ -51,7 +51,11 @@ class Comm:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def _wait(self, work: dist.Work | None, what: str) -> None:
+    def _issue(self, work: dist.Work | None, what: str) -> Pending:
+        return Pending(self, work, what)
+
+    def wait(self, work: dist.Work | None, what: str) -> None:
+        """Wait for ``work``, raising a clear error if it does not complete within the timeout."""
         try:
             if work is not None and not work.wait(self.timeout):
                 raise RuntimeError("the wait returned without completing")
@@ -62,20 +66,21 @@ class Comm:
                 f"same call (every rank must call step(), state_dict() and load_state_dict() together): {error}"
             ) from error
 
-    def all_reduce_(self, tensor: Tensor, what: str, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
+    def all_reduce_(self, tensor: Tensor, what: str, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Pending:
         """Every rank: ``tensor`` becomes the element-wise reduction of all ranks' ``tensor``."""
-        if self.world_size > 1:
-            self._wait(dist.all_reduce(tensor, op=op, group=self.group, async_op=True), what)
+        if self.world_size == 1:
+            return self._issue(None, what)
+        return self._issue(dist.all_reduce(tensor, op=op, group=self.group, async_op=True), what)
 
-    def reduce_scatter(self, shard: Tensor, full: Tensor, what: str) -> None:
+    def reduce_scatter(self, shard: Tensor, full: Tensor, what: str) -> Pending:
         """Before: every rank holds a ``full`` buffer. After: rank r's ``shard`` is the sum of
         all ranks' r-th slices of it."""
         if self.world_size == 1:
             shard.copy_(full)
-            return
-        self._wait(dist.reduce_scatter_single(shard, full, group=self.group, async_op=True), what)
+            return self._issue(None, what)
+        return self._issue(dist.reduce_scatter_single(shard, full, group=self.group, async_op=True), what)
 
-    def all_gather(self, full: Tensor, shard: Tensor, what: str) -> None:
+    def all_gather(self, full: Tensor, shard: Tensor, what: str) -> Pending:
         """Before: rank r holds ``shard``, its slice r of ``full``. After: every rank holds all of ``full``.
 
         ``shard`` may be a view of ``full`` (the all-gather is then in place).
@@ -83,11 +88,24 @@ class Comm:
         if self.world_size == 1:
             if shard.data_ptr() != full.data_ptr():
                 full.copy_(shard)
-            return
-        self._wait(dist.all_gather_single(full, shard, group=self.group, async_op=True), what)
+            return self._issue(None, what)
+        return self._issue(dist.all_gather_single(full, shard, group=self.group, async_op=True), what)
 
-    def broadcast_(self, tensor: Tensor, what: str, src: int = 0) -> None:
+    def broadcast_(self, tensor: Tensor, what: str, src: int = 0) -> Pending:
         """Every rank: ``tensor`` becomes rank ``src``'s ``tensor`` (``src`` is a rank of this group)."""
-        if self.world_size > 1:
-            global_src = dist.get_global_rank(self.group, src)
-            self._wait(dist.broadcast(tensor, src=global_src, group=self.group, async_op=True), what)
+        if self.world_size == 1:
+            return self._issue(None, what)
+        global_src = dist.get_global_rank(self.group, src)
+        return self._issue(dist.broadcast(tensor, src=global_src, group=self.group, async_op=True), what)
+
+
+class Pending:
+    """An issued collective; ``wait()`` bounds it by the group's timeout and names it in the error."""
+
+    def __init__(self, comm: Comm, work: dist.Work | None, what: str) -> None:
+        self._comm, self._work, self.what = comm, work, what
+
+    def wait(self) -> None:
+        if self._work is not None:
+            work, self._work = self._work, None
+            self._comm.wait(work, self.what)

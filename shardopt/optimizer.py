@@ -26,6 +26,7 @@ from . import state_dict as state_format
 from .buffer import ShardedBuffer
 from .comm import Comm
 from .layout import ParamSpec, Span, plan_buffers, runs
+from .reducer import GradReducer
 
 GRAD_REDUCTIONS = ("mean", "sum", None)
 
@@ -108,6 +109,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._bucket_cap_bytes = int(bucket_cap_mb * 2**20)
         self._scalar_dtype = _get_scalar_dtype()
         self._buffers: list[ShardedBuffer] = []
+        self._reducer = GradReducer(self._comm, stage, grad_reduction)
         # Parameters of the groups that did not require grad when added: kept in the
         # groups (state_dict numbering counts them, as torch's does) but not sharded.
         self._unsharded: list[tuple[int, int, Tensor]] = []
@@ -176,10 +178,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
             params = [group["params"][slot.index] for slot in layout.slots]
             buffer = ShardedBuffer(layout, params, g, self._comm.rank, scalar_names)
             # Every rank must start from the same parameters, as DDP ensures at construction.
-            self._comm.broadcast_(buffer.flat, "the broadcast of the initial parameters")
+            self._comm.broadcast_(buffer.flat, "the broadcast of the initial parameters").wait()
             if self._algorithm.eager_state:
                 self._create_state(buffer, group, list(range(len(params))), [Span(0, layout.shard_numel)])
             self._buffers.append(buffer)
+            self._reducer.add(buffer)
 
     # ------------------------------------------------------------------ step
 
@@ -190,53 +193,70 @@ class ShardedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            has_grad, loss = self._agree(loss)
-            offset = 0
-            for buffer in self._buffers:
-                present = has_grad[offset : offset + len(buffer.params)]
-                offset += len(buffer.params)
-                if any(present):
-                    self._step_buffer(buffer, present)
+            try:
+                self._reducer.launch_remaining()
+                has_grad, late, loss = self._agree(loss)
+                self._reducer.launch_late(late)
+                gathers = []
+                offset = 0
+                for index, buffer in enumerate(self._buffers):
+                    present = has_grad[offset : offset + len(buffer.params)]
+                    offset += len(buffer.params)
+                    grad_shard = self._reducer.reduced_shard(index)
+                    if present.any():
+                        self._update(buffer, grad_shard, present)
+                        # Issued now, waited below: the next buffer's update overlaps this gather.
+                        gathers.append(
+                            self._comm.all_gather(
+                                buffer.flat, buffer.param_shard, "the all-gather of updated parameters"
+                            )
+                        )
+                for gather in gathers:
+                    gather.wait()
+            finally:
+                self._reducer.reset()
         return loss
 
-    def _agree(self, loss: Any) -> tuple[list[bool], Any]:
-        """One all-reduce: which parameters have a gradient on some rank, which have a bad one, the mean loss.
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch.optim's; also drops gradient already handed to an unfinished reduction."""
+        self._reducer.reset()
+        super().zero_grad(set_to_none)
+
+    def _agree(self, loss: Any) -> tuple[Tensor, list[bool], Any]:
+        """One all-reduce: which parameters have a gradient on some rank, which have a bad one,
+        which buffers need a second reduction round, the mean loss.
 
         Before: each rank knows its own gradients and loss. After: every rank knows the
-        same has-gradient flags, raises the same error, and holds the same mean loss.
+        same flags, raises the same error, and holds the same mean loss.
         """
-        params = [p for buffer in self._buffers for p in buffer.params]
-        has_grad = [p.grad is not None for p in params]
-        sparse = [p.grad is not None and p.grad.is_sparse for p in params]
-        stray = [p.grad is not None for _, _, p in self._unsharded]
+        has_grad, sparse, late = self._reducer.local_flags()
+        stray = torch.tensor([float(p.grad is not None) for _, _, p in self._unsharded], dtype=torch.float64)
         has_loss = loss is not None
-        local = torch.tensor(
-            has_grad + sparse + stray + [has_loss, float(loss) if has_loss else 0.0], dtype=torch.float64
-        )
-        agreed = local.to(self._comm.device)
-        self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()")
-        agreed = agreed.cpu()
-        count, world = len(params), self._comm.world_size
-        if agreed[count : 2 * count].any():
-            where = self._locate(int(agreed[count : 2 * count].nonzero()[0]))
+        tail = torch.tensor([float(has_loss), float(loss) if has_loss else 0.0], dtype=torch.float64)
+        agreed = torch.cat([has_grad, sparse, late, stray, tail]).to(self._comm.device)
+        self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()").wait()
+        has_grad, sparse, late, stray, tail = agreed.cpu().split([len(has_grad), len(sparse), len(late), len(stray), 2])
+        if sparse.any():
             raise RuntimeError(
-                f"{where} has a sparse gradient; {self._algorithm.torch_class.__name__} takes dense gradients"
+                f"{self._locate(int(sparse.nonzero()[0]))} has a sparse gradient; "
+                f"{self._algorithm.torch_class.__name__} takes dense gradients"
             )
-        if agreed[2 * count : -2].any():
-            g, i, _ = self._unsharded[int(agreed[2 * count : -2].nonzero()[0])]
+        if stray.any():
+            g, i, _ = self._unsharded[int(stray.nonzero()[0])]
             raise RuntimeError(
                 f"{self._describe(self.param_groups[g], g, i)} has a gradient but did not require grad when it "
                 "was given to the optimizer; create the optimizer after unfreezing it, or add it with "
                 "add_param_group"
             )
-        if agreed[-2] not in (0, world):
+        world = self._comm.world_size
+        if tail[0] not in (0, world):
             raise RuntimeError(
-                f"the closure returned a loss on {int(agreed[-2])} of {world} ranks; return one on every rank"
+                f"the closure returned a loss on {int(tail[0])} of {world} ranks; return one on every rank"
             )
         if has_loss and world > 1:
-            mean = agreed[-1].item() / world
+            mean = tail[1].item() / world
             loss = torch.tensor(mean, dtype=loss.dtype, device=loss.device) if isinstance(loss, Tensor) else mean
-        return (agreed[:count] > 0).tolist(), loss
+        return has_grad > 0, (late > 0).tolist(), loss
 
     def _locate(self, position: int) -> str:
         """Describe the parameter at ``position`` in the buffers' concatenated parameter order."""
@@ -247,90 +267,74 @@ class ShardedOptimizer(torch.optim.Optimizer):
             position -= len(buffer.params)
         raise IndexError(position)
 
-    def _step_buffer(self, buffer: ShardedBuffer, has_grad: list[bool]) -> None:
-        grad_shard = self._reduce_grads(buffer, has_grad)
-        self._update(buffer, grad_shard, has_grad)
-        self._comm.all_gather(buffer.flat, buffer.param_shard, "the all-gather of updated parameters")
-
-    def _reduce_grads(self, buffer: ShardedBuffer, has_grad: list[bool]) -> Tensor:
-        """This rank's shard of the reduced gradient of ``buffer``."""
-        comm, reduce = self._comm, self._grad_reduction is not None
-        if self._stage == 1:
-            if buffer.full_grad is None:
-                buffer.full_grad = torch.zeros_like(buffer.flat)
-            full = buffer.full_grad
-            buffer.flatten_grads(full, release=False)
-            if reduce:
-                comm.all_reduce_(full, "the gradient all-reduce")
-                if self._grad_reduction == "mean" and comm.world_size > 1:
-                    full.div_(comm.world_size)
-            buffer.bind_grads(full, has_grad)
-            return full[buffer.shard.slice]
-        full = torch.zeros_like(buffer.flat)
-        buffer.flatten_grads(full, release=True)
-        if buffer.grad_shard is None:
-            buffer.grad_shard = torch.empty_like(buffer.param_shard)
-        shard = buffer.grad_shard
-        if reduce:
-            comm.reduce_scatter(shard, full, "the gradient reduce-scatter")
-            if self._grad_reduction == "mean" and comm.world_size > 1:
-                shard.div_(comm.world_size)
-        else:
-            shard.copy_(full[buffer.shard.slice])
-        return shard
-
     def _create_state(self, buffer: ShardedBuffer, group: dict[str, Any], slots: list[int], spans: list[Span]) -> None:
         """torch's initial state for ``slots``, whose elements in this shard are ``spans``."""
         algorithm = self._algorithm
         for name, value in algorithm.scalar_state(group).items():
-            rounded = torch.tensor(value, dtype=self._scalar_dtype).item()
-            for slot in slots:
-                buffer.scalars[name][slot] = rounded
+            buffer.set_scalars(name, slots, torch.tensor(value, dtype=self._scalar_dtype).item())
         for name in algorithm.tensor_state(group):
             tensor = buffer.state_tensor(name)
             fill = algorithm.initial_value(name, group)
             for span in spans:
                 tensor[span.slice].fill_(fill)
         if buffer.scalars or algorithm.tensor_state(group):
-            for slot in slots:
-                buffer.initialized[slot] = True
+            buffer.set_initialized(slots)
 
-    def _update(self, buffer: ShardedBuffer, grad_shard: Tensor, has_grad: list[bool]) -> None:
+    def _update(self, buffer: ShardedBuffer, grad_shard: Tensor, has_grad: Tensor) -> None:
         """Run the algorithm over this rank's shard, one call per contiguous span whose
-        parameters share their scalar state (usually one span: the whole shard)."""
+        parameters share their scalar state: one call for the whole shard, unless some
+        parameters have no gradient or fell behind in an earlier step."""
         group = self.param_groups[buffer.group_index]
-        algorithm = self._algorithm
-        fresh = [present and not initialized for present, initialized in zip(has_grad, buffer.initialized)]
-        names = algorithm.tensor_state(group)
+        everyone = bool(has_grad.all())
+        if everyone and buffer.uniform:
+            shard = (
+                Span(buffer.pieces[0].in_shard.start, buffer.pieces[-1].in_shard.end) if buffer.pieces else Span(0, 0)
+            )
+            key = (not buffer.initialized[0], tuple(values[0] for values in buffer.scalars.values()))
+            self._update_slots(buffer, group, grad_shard, key, list(range(len(buffer.params))), [shard])
+            return
+        present = has_grad.tolist()
         keys = [
-            (fresh[s], tuple(values[s] for values in buffer.scalars.values())) if has_grad[s] else None
+            (not buffer.initialized[s], tuple(values[s] for values in buffer.scalars.values())) if present[s] else None
             for s in range(len(buffer.params))
         ]
         spans = runs(buffer.pieces, keys)
-        for key in dict.fromkeys(k for k in keys if k is not None):
-            is_fresh, values = key
+        distinct = dict.fromkeys(k for k in keys if k is not None)
+        for key in distinct:
             slots = [s for s, k in enumerate(keys) if k == key]
-            key_spans = spans.get(key) or [Span(0, 0)]  # no element here: still advance the scalars
-            if is_fresh:
-                self._create_state(buffer, group, slots, key_spans)
-                values = tuple(buffer.scalars[name][slots[0]] for name in buffer.scalars)
-            state = {name: buffer.state_tensor(name) for name in names}
-            for span in key_spans:
-                scalars = {
-                    name: torch.tensor(value, dtype=self._scalar_dtype) for name, value in zip(buffer.scalars, values)
-                }
-                algorithm.update(
-                    buffer.param_shard[span.slice],
-                    grad_shard[span.slice],
-                    {name: tensor[span.slice] for name, tensor in state.items()},
-                    scalars,
-                    group,
-                    is_fresh,
-                )
-            for name, scalar in scalars.items():
-                value = scalar.item()
-                for slot in slots:
-                    buffer.scalars[name][slot] = value
+            # A key with no element in this shard still advances its parameters' scalars.
+            self._update_slots(buffer, group, grad_shard, key, slots, spans.get(key) or [Span(0, 0)])
+        buffer.uniform = everyone and len(distinct) == 1
+
+    def _update_slots(
+        self,
+        buffer: ShardedBuffer,
+        group: dict[str, Any],
+        grad_shard: Tensor,
+        key: tuple[bool, tuple[float, ...]],
+        slots: list[int],
+        spans: list[Span],
+    ) -> None:
+        """Update ``slots``, which share ``key`` (fresh, scalar values) and cover ``spans`` of this shard."""
+        is_fresh, values = key
+        if is_fresh:
+            self._create_state(buffer, group, slots, spans)
+            values = tuple(buffer.scalars[name][slots[0]] for name in buffer.scalars)
+        state = {name: buffer.state_tensor(name) for name in self._algorithm.tensor_state(group)}
+        for span in spans:
+            scalars = {
+                name: torch.tensor(value, dtype=self._scalar_dtype) for name, value in zip(buffer.scalars, values)
+            }
+            self._algorithm.update(
+                buffer.param_shard[span.slice],
+                grad_shard[span.slice],
+                {name: tensor[span.slice] for name, tensor in state.items()},
+                scalars,
+                group,
+                is_fresh,
+            )
+        for name, scalar in scalars.items():
+            buffer.set_scalars(name, slots, scalar.item())
 
     # ------------------------------------------------------------------ state
 

@@ -28,7 +28,7 @@ def gather_buffer_state(buffer: ShardedBuffer, comm: Comm, scalar_dtype: torch.d
     full: dict[str, Tensor] = {}
     for name, shard in buffer.state.items():
         full[name] = torch.empty(buffer.layout.numel, dtype=shard.dtype, device=shard.device)
-        comm.all_gather(full[name], shard, f"the all-gather of optimizer state {name!r}")
+        comm.all_gather(full[name], shard, f"the all-gather of optimizer state {name!r}").wait()
     entries = {}
     for position, slot in enumerate(buffer.layout.slots):
         if not buffer.initialized[position]:
@@ -144,3 +144,4 @@ def load_buffer_state(buffer: ShardedBuffer, entries: list[StateEntry | None], n
         for position, entry in enumerate(entries):
             values[position] = float(entry[name]) if entry is not None else 0.0
     buffer.initialized = [entry is not None for entry in entries]
+    buffer.uniform = len({(i, *(v[k] for v in buffer.scalars.values())) for k, i in enumerate(buffer.initialized)}) <= 1

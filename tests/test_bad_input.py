@@ -496,12 +496,12 @@ def rank_disagreements() -> dict[str, tuple[str, str, torch.Tensor]]:
     rank = dist.get_rank()
     results = {}
 
-    # (a) a sparse gradient on rank 0 only.
+    # (a) a sparse gradient on rank 0 only, written after backward (which stage 2 has already reduced).
     model = make_model()
     optimizer = ShardedOptimizer(model.named_parameters(), "adam", lr=0.01)
     loss_of(model, rank, 0).backward()
     if rank == 0:
-        model.out.weight.grad = model.out.weight.grad.to_sparse()
+        model.out.weight.grad = torch.ones_like(model.out.weight).to_sparse()
     results["sparse"] = (*_step_error(optimizer), _recover(model, optimizer, rank))
 
     # (b) a closure that returns the loss on rank 0 and None on rank 1.

@@ -248,5 +248,62 @@ def stuck_peer() -> dict[str, Any]:
 def test_a_peer_that_never_steps_is_an_error_within_the_timeout() -> None:
     result = run_world(stuck_peer, 2)[0]
     assert result["error"] is not None
-    assert "did not complete within 2 s" in result["error"] and "start of step()" in result["error"]
+    assert "the gradient reduce-scatter on rank 0 of 2 did not complete within 2 s" in result["error"]
     assert result["seconds"] < 10
+
+
+def partial_loss(model: torch.nn.Module, rank: int, step: int) -> torch.Tensor:
+    """Rank 1 leaves ``scale`` out of its graph at odd steps: its hook never fires there."""
+    from tests.common import batch
+
+    x, y = batch(rank, step)
+    out = model.out(torch.tanh(model.hidden(x)))
+    if not (rank == 1 and step % 2):
+        out = out * model.scale
+    return torch.nn.functional.mse_loss(out, y)
+
+
+def backward_with_unused(options: dict[str, Any]) -> tuple[list[torch.Tensor], list[bool]]:
+    import torch.distributed as dist
+
+    from tests.common import flat_params, make_model
+
+    rank = dist.get_rank()
+    model = make_model()
+    optimizer = shardopt.Adam(model.parameters(), lr=1e-2, **options)
+    trajectory, released = [], []
+    for step in range(6):
+        optimizer.zero_grad()
+        partial_loss(model, rank, step).backward()
+        released.append(all(p.grad is None for p in model.parameters()))
+        optimizer.step()
+        trajectory.append(flat_params(model))
+    return trajectory, released
+
+
+@pytest.mark.parametrize("layout", ["one-bucket", "many-buckets"])
+def test_parameters_unused_on_some_ranks_in_backward(layout: str) -> None:
+    """Stage 2 reduces buckets from backward's hooks; a bucket with a parameter unused on one rank is
+    launched at step() there, in the same order, and the result is torch.optim's on the mean gradient."""
+    from tests.common import flat_params, make_model
+
+    per_rank = run_world(backward_with_unused, 2, LAYOUTS[layout])
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    reference = []
+    for step in range(6):
+        total = [torch.zeros_like(p) for p in model.parameters()]
+        for rank in range(2):
+            model.zero_grad()
+            partial_loss(model, rank, step).backward()
+            total = [t + (p.grad if p.grad is not None else 0) for t, p in zip(total, model.parameters())]
+        for t, p in zip(total, model.parameters()):
+            p.grad = t / 2
+        optimizer.step()
+        reference.append(flat_params(model))
+    for trajectory, _ in per_rank:
+        assert_trajectories_close(trajectory, reference, f"unused parameters, {layout}")
+    # Rank 0 uses every parameter, so every bucket is reduced (and its gradients released) in backward;
+    # on rank 1 at odd steps the bucket of ``scale``, first in the launch order, holds everything back.
+    assert per_rank[0][1] == [True] * 6
+    assert per_rank[1][1] == [True, False] * 3

@@ -109,7 +109,8 @@ def test_groups_hold_the_users_parameters_in_order() -> None:
 
 def test_param_group_edits_take_effect_at_the_next_step() -> None:
     model, reference_model = make_model(), make_model()
-    optimizer = shardopt.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.99))
+    # Stage 1 keeps p.grad after backward, which set_mean_grads reads.
+    optimizer = shardopt.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.99), stage=1)
     reference = torch.optim.Adam(reference_model.parameters(), lr=1e-2, betas=(0.9, 0.99))
     for step in range(4):
         for m, o in ((model, optimizer), (reference_model, reference)):
