@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import algorithms
+from . import algorithms, kernels
 from . import state_dict as state_format
 from .buffer import ShardedBuffer
 from .comm import Comm
@@ -29,6 +29,10 @@ from .layout import ParamSpec, Span, plan_buffers, runs
 from .reducer import GradReducer
 
 GRAD_REDUCTIONS = ("mean", "sum", None)
+
+
+def _takes(torch_class: type[torch.optim.Optimizer], keyword: str) -> bool:
+    return keyword in inspect.signature(torch_class.__init__).parameters
 
 
 def _algorithm_defaults(torch_class: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -59,6 +63,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             already reduced (under DDP).
         timeout: seconds (or a timedelta) any collective of ours may wait before raising.
         bucket_cap_mb: the largest flat buffer, in MiB; each buffer is one reduction.
+        fused: how each shard update runs: torch's native fused kernel (Adam, AdamW, SGD,
+            Adagrad), else ``torch.compile`` of the algorithm's element-wise math; True insists,
+            False runs eagerly, None (default) chooses, compiling only shards of 1M elements or more.
         **kwargs: the algorithm's keywords, with torch.optim's names, defaults and validation.
 
     Construction, ``step``, ``state_dict``, ``load_state_dict`` and ``add_param_group`` are
@@ -102,7 +109,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "optimizer parameters need to be organized in ordered collections, but the ordering of "
                 "tensors in sets differs between processes; pass a list (e.g. list(model.parameters()))"
             )
-        defaults = _algorithm_defaults(self._algorithm.torch_class, kwargs)
+        torch_class = self._algorithm.torch_class
+        # torch's Adam, AdamW, SGD and Adagrad take ``fused`` themselves (it lives in their param
+        # groups); for the others it is ours alone, kept out of the groups so they stay torch's.
+        self._fused = None if _takes(torch_class, "fused") else kwargs.pop("fused", None)
+        if self._fused not in (None, True, False):
+            raise ValueError(f"fused must be None (choose), True or False, got {self._fused!r}")
+        defaults = _algorithm_defaults(torch_class, kwargs)
         self._comm = Comm(process_group, timeout)
         self._stage = stage
         self._grad_reduction = grad_reduction
@@ -325,13 +338,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
             scalars = {
                 name: torch.tensor(value, dtype=self._scalar_dtype) for name, value in zip(buffer.scalars, values)
             }
-            self._algorithm.update(
+            kernels.update(
+                self._algorithm,
                 buffer.param_shard[span.slice],
                 grad_shard[span.slice],
                 {name: tensor[span.slice] for name, tensor in state.items()},
                 scalars,
                 group,
                 is_fresh,
+                group.get("fused", self._fused),
             )
         for name, scalar in scalars.items():
             buffer.set_scalars(name, slots, scalar.item())

@@ -9,6 +9,7 @@ parameters.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import pytest
@@ -41,6 +42,8 @@ OPTION_SETS = {
     "stage1": {"stage": 1},
     "stage1-sum": {"stage": 1, "grad_reduction": "sum"},
     "stage2-sum": {"grad_reduction": "sum"},
+    # Native fused kernels (AdamW, SGD) and compiled ones (Rprop, ASGD) inside the coordinator.
+    "fused": {"fused": True},
 }
 
 
@@ -79,6 +82,10 @@ def check_case(optimizer_class: type, kwargs: dict[str, Any], world_size: int, o
             assert torch.equal(a, b), f"{label}: rank {rank} parameters differ from rank 0's at step {step}"
     # "sum" of N ranks' gradients is N times their mean: feed the reference the same.
     scale = world_size if OPTION_SETS[option_set].get("grad_reduction") == "sum" else 1
+    # Where torch has ``fused`` itself it is a group keyword: the reference takes it too.
+    options = OPTION_SETS[option_set]
+    if "fused" in options and "fused" in inspect.signature(optimizer_class.__init__).parameters:
+        kwargs = {**kwargs, "fused": options["fused"]}
     reference, reference_state = reference_run(optimizer_class, kwargs, world_size, STEPS, grad_scale=scale)
     tolerance = next((t for key, t in LOOSE.items() if kwargs.get(key)), None)
     close = {"rtol": tolerance, "atol": tolerance} if tolerance else {}
@@ -92,7 +99,7 @@ def test_parity(optimizer_class: type, kwargs: dict[str, Any], world_size: int) 
     check_case(optimizer_class, kwargs, world_size, "stage2")
 
 
-@pytest.mark.parametrize("option_set", ["stage1", "stage1-sum", "stage2-sum"])
+@pytest.mark.parametrize("option_set", ["stage1", "stage1-sum", "stage2-sum", "fused"])
 @pytest.mark.parametrize(("optimizer_class", "kwargs"), SUBSET, ids=[case_id(*c) for c in SUBSET])
 def test_parity_options(optimizer_class: type, kwargs: dict[str, Any], option_set: str) -> None:
     check_case(optimizer_class, kwargs, 3, option_set)

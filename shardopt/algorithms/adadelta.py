@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from .base import Algorithm, Group, apply_weight_decay
+from .base import Algorithm, Coefficients, Group, apply_weight_decay, weight_decay_coefficients
 
 
 class Adadelta(Algorithm):
@@ -15,27 +15,30 @@ class Adadelta(Algorithm):
     def tensor_state(self, group: Group) -> tuple[str, ...]:
         return ("square_avg", "acc_delta")
 
-    def update(
-        self,
-        param: Tensor,
-        grad: Tensor,
-        state: dict[str, Tensor],
-        scalars: dict[str, Tensor],
-        group: Group,
-        fresh: bool,
-    ) -> None:
+    def coefficients(self, scalars: dict[str, Tensor], group: Group, fresh: bool) -> Coefficients:
         lr = _to_scalar(group["lr"])
-        rho, eps = group["rho"], group["eps"]
-        square_avg, acc_delta = state["square_avg"], state["acc_delta"]
-
+        rho = group["rho"]
         scalars["step"] += 1
+        return {
+            **weight_decay_coefficients(group, lr),
+            "rho": rho,
+            "one_minus_rho": 1 - rho,
+            "eps": group["eps"],
+            "neg_lr": -lr,
+        }
+
+    def elementwise(
+        self, param: Tensor, grad: Tensor, state: dict[str, Tensor], coefficients: Coefficients, group: Group
+    ) -> None:
+        c = coefficients
+        square_avg, acc_delta = state["square_avg"], state["acc_delta"]
         if group["maximize"]:
             grad = -grad
-        grad = apply_weight_decay(param, grad, group, lr)
+        grad = apply_weight_decay(param, grad, c, group)
 
-        square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho)
-        std = square_avg.add(eps).sqrt_()
-        delta = acc_delta.add(eps).sqrt_()
+        square_avg.mul_(c["rho"]).addcmul_(grad, grad, value=c["one_minus_rho"])
+        std = square_avg.add(c["eps"]).sqrt_()
+        delta = acc_delta.add(c["eps"]).sqrt_()
         delta.div_(std).mul_(grad)
-        acc_delta.mul_(rho).addcmul_(delta, delta, value=1 - rho)
-        param.add_(delta, alpha=-lr)
+        acc_delta.mul_(c["rho"]).addcmul_(delta, delta, value=c["one_minus_rho"])
+        param.add_(delta, alpha=c["neg_lr"])

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from .base import Algorithm, Group, apply_weight_decay
+from .base import Algorithm, Coefficients, Group, apply_weight_decay, native_lr, native_step, weight_decay_coefficients
 
 
 class Adagrad(Algorithm):
@@ -19,7 +19,28 @@ class Adagrad(Algorithm):
     def initial_value(self, name: str, group: Group) -> float | Tensor:
         return group["initial_accumulator_value"]
 
-    def update(
+    def coefficients(self, scalars: dict[str, Tensor], group: Group, fresh: bool) -> Coefficients:
+        lr = _to_scalar(group["lr"])
+        step_t = scalars["step"]
+        step_t += 1
+        step = step_t.item()
+        clr = lr / (1 + (step - 1) * group["lr_decay"])
+        return {**weight_decay_coefficients(group, lr), "eps": group["eps"], "neg_clr": -clr}
+
+    def elementwise(
+        self, param: Tensor, grad: Tensor, state: dict[str, Tensor], coefficients: Coefficients, group: Group
+    ) -> None:
+        c = coefficients
+        state_sum = state["sum"]
+        if group["maximize"]:
+            grad = -grad
+        grad = apply_weight_decay(param, grad, c, group)
+
+        state_sum.addcmul_(grad, grad, value=1)
+        std = state_sum.sqrt().add_(c["eps"])
+        param.addcdiv_(grad, std, value=c["neg_clr"])
+
+    def native_fused(
         self,
         param: Tensor,
         grad: Tensor,
@@ -28,18 +49,14 @@ class Adagrad(Algorithm):
         group: Group,
         fresh: bool,
     ) -> None:
-        lr = _to_scalar(group["lr"])
-        lr_decay, eps = group["lr_decay"], group["eps"]
-        state_sum = state["sum"]
-
-        step_t = scalars["step"]
-        step_t += 1
-        step = step_t.item()
-        if group["maximize"]:
-            grad = -grad
-        grad = apply_weight_decay(param, grad, group, lr)
-
-        clr = lr / (1 + (step - 1) * lr_decay)
-        state_sum.addcmul_(grad, grad, value=1)
-        std = state_sum.sqrt().add_(eps)
-        param.addcdiv_(grad, std, value=-clr)
+        torch._fused_adagrad_(
+            [param],
+            [grad],
+            [state["sum"]],
+            native_step(scalars, param),
+            lr=native_lr(group, param),
+            lr_decay=group["lr_decay"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )

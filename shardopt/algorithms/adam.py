@@ -6,17 +6,60 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from .base import Algorithm, Group, apply_weight_decay
+from .base import (
+    Algorithm,
+    Coefficients,
+    Group,
+    adam_moments,
+    native_lr,
+    native_step,
+    weight_decay_coefficients,
+)
 
 
 class Adam(Algorithm):
     torch_class = torch.optim.Adam
+    flags = ("maximize", "amsgrad", "decoupled_weight_decay")
 
     def tensor_state(self, group: Group) -> tuple[str, ...]:
         names = ("exp_avg", "exp_avg_sq")
         return names + ("max_exp_avg_sq",) if group["amsgrad"] else names
 
-    def update(
+    def coefficients(self, scalars: dict[str, Tensor], group: Group, fresh: bool) -> Coefficients:
+        lr = _to_scalar(group["lr"])
+        beta1, beta2 = (_to_scalar(b) for b in group["betas"])
+        step_t = scalars["step"]
+        step_t += 1
+        step = step_t.item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        return {
+            **weight_decay_coefficients(group, lr),
+            "one_minus_beta1": 1 - beta1,
+            "beta2": beta2,
+            "one_minus_beta2": 1 - beta2,
+            "bias_correction2_sqrt": bias_correction2**0.5,
+            "eps": group["eps"],
+            "neg_step_size": -step_size,
+        }
+
+    def elementwise(
+        self, param: Tensor, grad: Tensor, state: dict[str, Tensor], coefficients: Coefficients, group: Group
+    ) -> None:
+        c = coefficients
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        grad = adam_moments(param, grad, state, c, group)
+
+        if group["amsgrad"]:
+            max_exp_avg_sq = state["max_exp_avg_sq"]
+            torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+            denom = (max_exp_avg_sq.sqrt() / c["bias_correction2_sqrt"]).add_(c["eps"])
+        else:
+            denom = (exp_avg_sq.sqrt() / c["bias_correction2_sqrt"]).add_(c["eps"])
+        param.addcdiv_(exp_avg, denom, value=c["neg_step_size"])
+
+    def native_fused(
         self,
         param: Tensor,
         grad: Tensor,
@@ -25,33 +68,22 @@ class Adam(Algorithm):
         group: Group,
         fresh: bool,
     ) -> None:
-        lr = _to_scalar(group["lr"])
-        beta1, beta2 = (_to_scalar(b) for b in group["betas"])
-        eps = group["eps"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        if group["maximize"]:
-            grad = -grad
-
-        step_t = scalars["step"]
-        step_t += 1
-        grad = apply_weight_decay(param, grad, group, lr)
-
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-
-        step = step_t.item()
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        step_size = lr / bias_correction1
-        bias_correction2_sqrt = bias_correction2**0.5
-
-        if group["amsgrad"]:
-            max_exp_avg_sq = state["max_exp_avg_sq"]
-            torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-            denom = (max_exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        else:
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+        kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
+        kernel(
+            [param],
+            [grad],
+            [state["exp_avg"]],
+            [state["exp_avg_sq"]],
+            [state["max_exp_avg_sq"]] if group["amsgrad"] else [],
+            native_step(scalars, param),
+            amsgrad=group["amsgrad"],
+            lr=native_lr(group, param),
+            beta1=float(group["betas"][0]),
+            beta2=float(group["betas"][1]),
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
 
 
 class AdamW(Adam):

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from .base import Algorithm, Group, apply_weight_decay
+from .base import Algorithm, Coefficients, Group, apply_weight_decay, weight_decay_coefficients
 
 
 class Adamax(Algorithm):
@@ -15,29 +15,30 @@ class Adamax(Algorithm):
     def tensor_state(self, group: Group) -> tuple[str, ...]:
         return ("exp_avg", "exp_inf")
 
-    def update(
-        self,
-        param: Tensor,
-        grad: Tensor,
-        state: dict[str, Tensor],
-        scalars: dict[str, Tensor],
-        group: Group,
-        fresh: bool,
-    ) -> None:
+    def coefficients(self, scalars: dict[str, Tensor], group: Group, fresh: bool) -> Coefficients:
         lr = _to_scalar(group["lr"])
         beta1, beta2 = group["betas"]
-        eps = group["eps"]
+        step_t = scalars["step"]
+        step_t += 1
+        bias_correction = 1 - beta1 ** step_t.item()
+        clr = lr / bias_correction
+        return {
+            **weight_decay_coefficients(group, lr),
+            "one_minus_beta1": 1 - beta1,
+            "beta2": beta2,
+            "eps": group["eps"],
+            "neg_clr": -clr,
+        }
+
+    def elementwise(
+        self, param: Tensor, grad: Tensor, state: dict[str, Tensor], coefficients: Coefficients, group: Group
+    ) -> None:
+        c = coefficients
         exp_avg, exp_inf = state["exp_avg"], state["exp_inf"]
         if group["maximize"]:
             grad = -grad
+        grad = apply_weight_decay(param, grad, c, group)
 
-        step_t = scalars["step"]
-        step_t += 1
-        grad = apply_weight_decay(param, grad, group, lr)
-
-        exp_avg.lerp_(grad, 1 - beta1)
-        torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)
-
-        bias_correction = 1 - beta1 ** step_t.item()
-        clr = lr / bias_correction
-        param.addcdiv_(exp_avg, exp_inf, value=-clr)
+        exp_avg.lerp_(grad, c["one_minus_beta1"])
+        torch.maximum(exp_inf.mul_(c["beta2"]), grad.abs().add_(c["eps"]), out=exp_inf)
+        param.addcdiv_(exp_avg, exp_inf, value=c["neg_clr"])

@@ -1,0 +1,221 @@
+"""How an algorithm's update runs; ``shardopt/algorithms/`` says what it is.
+
+Three interchangeable paths, with torch.optim's results (to rounding) on each:
+
+- native: torch's own fused kernel (``torch._fused_adam_`` and friends), called on the
+  whole slice as one tensor, where the algorithm has one (Adam, AdamW, SGD, Adagrad)
+  and the device and dtype take it;
+- compiled: ``torch.compile`` of the algorithm's ``elementwise`` (C++/OpenMP on CPU,
+  Triton on CUDA): one graph per algorithm, device, dtype and combination of its static
+  flags, with dynamic shapes and every float coefficient a tensor input, so neither a
+  new slice length nor a new ``lr`` or step recompiles it; Inductor's on-disk cache
+  serves later processes;
+- eager: ``Algorithm.update``, the reference the others are tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .algorithms import Algorithm, Group
+from .algorithms.base import Coefficients
+
+#: Below this many elements, ``fused=None`` does not compile: the first compile takes
+#: seconds and the eager update of a small slice is already short.
+COMPILE_THRESHOLD = 2**20
+
+#: ``SHARDOPT_COMPILE=0`` turns the compiled path off (the eager update runs instead).
+COMPILE_ENV = "SHARDOPT_COMPILE"
+
+# The coefficients travel as float64, the Python float the eager update passes, so each
+# op rounds it to its own computation type as eager does: float32 for float32, bfloat16
+# and float16 parameters (a bfloat16 coefficient would keep 3 digits of lr), float64 for
+# float64 ones.
+COEFFICIENT_DTYPE = torch.float64
+
+
+def update(
+    algorithm: Algorithm,
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    scalars: dict[str, Tensor],
+    group: Group,
+    fresh: bool,
+    fused: bool | None,
+) -> None:
+    """``algorithm.update`` of one slice, run by the path ``fused`` asks for.
+
+    ``fused=False``: eager. ``fused=True``: the native kernel where there is one, else
+    compiled, else (compiling disabled or failed) eager with one warning per reason.
+    ``fused=None``: the native kernel where there is one, compiled for slices of at
+    least :data:`COMPILE_THRESHOLD` elements, else eager.
+    """
+    if fused is False:
+        algorithm.update(param, grad, state, scalars, group, fresh)
+        return
+    coefficients = algorithm.coefficients(scalars, group, fresh)
+    if run_native(algorithm, param, grad, state, scalars, group, fresh):
+        return
+    numel = param.numel()
+    # Sizes 0 and 1 would each get a graph of their own (torch specialises them).
+    if numel >= COMPILE_THRESHOLD or (fused and numel > 1):
+        if os.environ.get(COMPILE_ENV) == "0":
+            if fused:
+                _warn_once(f"fused=True, but {_name(algorithm)} has no native fused kernel and {COMPILE_ENV}=0")
+        elif run_compiled(algorithm, param, grad, state, coefficients, group):
+            return
+    algorithm.elementwise(param, grad, state, coefficients, group)
+
+
+# ------------------------------------------------------------------ native
+
+
+# (algorithm, device, dtype) -> whether torch's fused kernel runs there; found on first use.
+_native_works: dict[tuple[Algorithm, torch.device, torch.dtype], bool] = {}
+
+
+def run_native(
+    algorithm: Algorithm,
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    scalars: dict[str, Tensor],
+    group: Group,
+    fresh: bool,
+) -> bool:
+    """Run torch's fused kernel, ``scalars`` already advanced; False where it has none that runs here."""
+    key = (algorithm, param.device, param.dtype)
+    works = _native_works.get(key)
+    if works:
+        algorithm.native_fused(param, grad, state, scalars, group, fresh)
+        return True
+    if works is False or algorithm.native_fused is None or not param.is_floating_point():
+        _native_works[key] = False
+        return False
+    # The kernels check their device and dtype before writing anything, so a refusal
+    # leaves the slice as it was for the next path.
+    try:
+        algorithm.native_fused(param, grad, state, scalars, group, fresh)
+    except (NotImplementedError, RuntimeError) as error:
+        _native_works[key] = False
+        _warn_once(f"torch's fused {_name(algorithm)} kernel does not run on {key[1]} {key[2]}: {_first_line(error)}")
+        return False
+    _native_works[key] = True
+    return True
+
+
+# ------------------------------------------------------------------ compiled
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """One compiled ``elementwise`` and the constants it was compiled for."""
+
+    function: Callable[..., None]
+    tensor_names: tuple[str, ...]  # coefficients passed as the 0-d tensors of one input vector
+    static: dict[str, bool]  # bool coefficients: the graph's branches
+    flags: dict[str, Any]  # the group's static keywords, all elementwise may read
+
+    def __call__(
+        self, algorithm: Algorithm, param: Tensor, grad: Tensor, state: dict[str, Tensor], values: Tensor
+    ) -> None:
+        self.function(algorithm, param, grad, state, values, self.tensor_names, self.static, self.flags)
+
+
+# (algorithm, device, dtype, flag values, coefficient layout) -> its graph, or None where compiling failed.
+_graphs: dict[tuple[Any, ...], _Graph | None] = {}
+
+
+def run_compiled(
+    algorithm: Algorithm,
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    coefficients: Coefficients,
+    group: Group,
+) -> bool:
+    """Run the compiled ``elementwise`` with these coefficients; False where compiling failed."""
+    flags = tuple(group[name] for name in algorithm.flags)
+    layout = tuple((name, value if isinstance(value, bool) else None) for name, value in coefficients.items())
+    key = (algorithm, param.device, param.dtype, flags, layout)
+    try:
+        graph = _graphs[key]
+    except KeyError:
+        graph = _graphs[key] = _Graph(
+            function=_compile(),
+            tensor_names=tuple(name for name, static in layout if static is None),
+            static={name: static for name, static in layout if static is not None},
+            flags=dict(zip(algorithm.flags, flags)),
+        )
+    if graph is None:
+        return False
+    values = torch.tensor(
+        [float(coefficients[name]) for name in graph.tensor_names], dtype=COEFFICIENT_DTYPE, device=param.device
+    )
+    # Compiling happens inside the call, before the graph writes anything; so does a
+    # recompile, were a guard ever to fail.
+    try:
+        graph(algorithm, param, grad, state, values)
+    except Exception as error:
+        _graphs[key] = None
+        _warn_once(f"compiling {_name(algorithm)}'s update failed: {_first_line(error)}")
+        return False
+    return True
+
+
+def _elementwise(
+    algorithm: Algorithm,
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    values: Tensor,
+    tensor_names: tuple[str, ...],
+    static: dict[str, bool],
+    flags: dict[str, Any],
+) -> None:
+    coefficients: Coefficients = dict(static)
+    for index, name in enumerate(tensor_names):
+        coefficients[name] = values[index]
+    algorithm.elementwise(param, grad, state, coefficients, flags)
+
+
+def _compile() -> Callable[..., None]:
+    # torch.compile caches graphs on the code object, at most a few per object before it
+    # gives up and runs eagerly, and checks each call against every graph it holds. A
+    # copy of the code per graph keeps each one alone, its check a single guard set.
+    code = _elementwise.__code__.replace()
+    function = types.FunctionType(code, _elementwise.__globals__, _elementwise.__name__)
+    # On CPU, Inductor sizes a kernel's OpenMP parallelism from the slice length it was
+    # first compiled for, and its on-disk cache hands that kernel to every later length:
+    # compiled for a small slice, it would update a large one on a single thread.
+    # dynamic_threads leaves the choice to OpenMP at run time.
+    return torch.compile(function, dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True})
+
+
+# ------------------------------------------------------------------ warnings
+
+
+def _name(algorithm: Algorithm) -> str:
+    return algorithm.torch_class.__name__
+
+
+def _first_line(error: BaseException) -> str:
+    # torch.compile wraps what its backend raised; that is the reason worth a line.
+    error = getattr(error, "inner_exception", None) or error
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"shardopt: {reason}; the update runs eagerly instead", stacklevel=4)

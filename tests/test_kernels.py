@@ -1,0 +1,298 @@
+"""shardopt.kernels: torch's native fused kernels and the compiled update against the eager one."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+from torch._dynamo.utils import counters
+
+from shardopt import kernels
+from shardopt.algorithms import ALGORITHMS, Algorithm, Group
+from shardopt.algorithms.adam import Adam
+from shardopt.algorithms.rprop import Rprop
+from tests.cases import CASES, case_id
+
+STEPS = 10
+RTOL, ATOL = 1e-5, 1e-6
+# Two slices of different lengths, the second starting off any vector boundary, as the
+# coordinator cuts a shard where parameters' scalar state differs.
+BOUNDS = (0, 389, 1000)
+NATIVE_CASES = [case for case in CASES if ALGORITHMS[case[0]].native_fused is not None]
+
+Update = Callable[[Algorithm, Tensor, Tensor, dict[str, Tensor], dict[str, Tensor], Group, bool], None]
+
+
+def eager(algorithm: Algorithm, *args: Any) -> None:
+    algorithm.update(*args)
+
+
+def native(
+    algorithm: Algorithm,
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    scalars: dict[str, Tensor],
+    group: Group,
+    fresh: bool,
+) -> None:
+    algorithm.coefficients(scalars, group, fresh)
+    assert kernels.run_native(algorithm, param, grad, state, scalars, group, fresh), "the native kernel did not run"
+
+
+def compiled(
+    algorithm: Algorithm,
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    scalars: dict[str, Tensor],
+    group: Group,
+    fresh: bool,
+) -> None:
+    coefficients = algorithm.coefficients(scalars, group, fresh)
+    assert kernels.run_compiled(algorithm, param, grad, state, coefficients, group), "compiling failed"
+
+
+def make_group(cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> Group:
+    return cls([torch.zeros(1, requires_grad=True)], **kwargs).param_groups[0]
+
+
+class Run:
+    """One flat parameter with its state, updated slice by slice, as the coordinator does."""
+
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        group: Group,
+        update: Update,
+        bounds: tuple[int, ...] = BOUNDS,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.algorithm, self.group, self.update = algorithm, group, update
+        self.generator = torch.Generator().manual_seed(0)
+        self.param = torch.randn(bounds[-1], generator=self.generator, dtype=dtype)
+        self.state = {
+            name: torch.full_like(self.param, algorithm.initial_value(name, group))
+            for name in algorithm.tensor_state(group)
+        }
+        self.slices = [slice(start, stop) for start, stop in itertools.pairwise(bounds)]
+        self.scalars = [
+            {name: torch.tensor(value) for name, value in algorithm.scalar_state(group).items()} for _ in self.slices
+        ]
+        self.steps = 0
+
+    def step(self) -> None:
+        grad = torch.randn(self.param.shape, generator=self.generator, dtype=self.param.dtype)
+        before = grad.clone()
+        for part, scalars in zip(self.slices, self.scalars, strict=True):
+            state = {name: tensor[part] for name, tensor in self.state.items()}
+            self.update(self.algorithm, self.param[part], grad[part], state, scalars, self.group, self.steps == 0)
+        assert torch.equal(grad, before), "the gradient was written"
+        self.steps += 1
+
+
+def assert_runs_agree(
+    cls: type[torch.optim.Optimizer],
+    kwargs: dict[str, Any],
+    update: Update,
+    rtol: float = RTOL,
+    atol: float = ATOL,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """``update`` and the eager update step side by side: parameters close at every step,
+    state close at the end, the per-parameter scalars equal to the bit."""
+    label = case_id(cls, kwargs)
+    algorithm, group = ALGORITHMS[cls], make_group(cls, kwargs)
+    ours, reference = Run(algorithm, group, update, dtype=dtype), Run(algorithm, group, eager, dtype=dtype)
+    for step in range(1, STEPS + 1):
+        ours.step()
+        reference.step()
+        torch.testing.assert_close(
+            ours.param, reference.param, rtol=rtol, atol=atol, msg=lambda m, s=step: f"{label} step {s}: {m}"
+        )
+    for name, tensor in reference.state.items():
+        torch.testing.assert_close(
+            ours.state[name], tensor, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{label} state {n}: {m}"
+        )
+    for mine, theirs in zip(ours.scalars, reference.scalars, strict=True):
+        for name, value in theirs.items():
+            assert torch.equal(mine[name], value), f"{label}: scalar {name} {mine[name]} != eager's {value}"
+
+
+def graphs_compiled() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), NATIVE_CASES, ids=[case_id(*case) for case in NATIVE_CASES])
+def test_native_fused_matches_eager(cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> None:
+    assert_runs_agree(cls, kwargs, native)
+
+
+# Every case, though only the static flags make a new graph: the others reuse one compiled before.
+@pytest.mark.parametrize(("cls", "kwargs"), CASES, ids=[case_id(*case) for case in CASES])
+def test_compiled_matches_eager(cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> None:
+    assert_runs_agree(cls, kwargs, compiled)
+
+
+def test_compiled_float64_keeps_float64_coefficients() -> None:
+    assert_runs_agree(torch.optim.Adam, {"lr": 1e-2}, compiled, rtol=1e-12, atol=1e-14, dtype=torch.float64)
+
+
+def test_new_hyperparameters_and_steps_do_not_recompile() -> None:
+    algorithm, group = ALGORITHMS[torch.optim.Adam], make_group(torch.optim.Adam, {})
+    ours, reference = Run(algorithm, group, compiled), Run(algorithm, group, eager)
+    before = graphs_compiled()
+    for lr, betas, eps in [
+        (1e-3, (0.9, 0.999), 1e-8),
+        (2e-2, (0.9, 0.999), 1e-8),
+        (torch.tensor(5e-3), (0.8, 0.99), 1e-8),
+        (5e-3, (0.85, 0.9), 1e-3),
+        (1e-1, (0.95, 0.999), 1e-6),
+    ]:
+        group.update(lr=lr, betas=betas, eps=eps)
+        ours.step()
+        reference.step()
+        # Inputs baked into the graph as constants would show here, without a recompile.
+        torch.testing.assert_close(ours.param, reference.param, rtol=RTOL, atol=ATOL)
+    assert graphs_compiled() - before <= 1, "a new lr, betas, eps or step recompiled"
+
+
+def test_slice_lengths_share_one_graph() -> None:
+    algorithm, group = ALGORITHMS[torch.optim.Rprop], make_group(torch.optim.Rprop, {})
+    before = graphs_compiled()
+    for bounds in [(0, 1000), (0, 389, 1000), (0, 7, 4103)]:
+        ours, reference = Run(algorithm, group, compiled, bounds), Run(algorithm, group, eager, bounds)
+        ours.step()
+        reference.step()
+        torch.testing.assert_close(ours.param, reference.param, rtol=RTOL, atol=ATOL)
+    assert graphs_compiled() - before <= 1, "a new slice length recompiled"
+
+
+@pytest.fixture
+def paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths kernels.update took, in order: "native", "compiled" (each only when it ran)."""
+    taken: list[str] = []
+
+    def spy(name: str, run: Callable[..., bool]) -> Callable[..., bool]:
+        def wrapper(*args: Any) -> bool:
+            ran = run(*args)
+            if ran:
+                taken.append(name)
+            return ran
+
+        return wrapper
+
+    monkeypatch.setattr(kernels, "run_native", spy("native", kernels.run_native))
+    monkeypatch.setattr(kernels, "run_compiled", spy("compiled", kernels.run_compiled))
+    return taken
+
+
+@pytest.mark.parametrize(
+    ("cls", "numel", "fused", "path"),
+    [
+        (torch.optim.Adam, 100, False, "eager"),
+        (torch.optim.Adam, 100, None, "native"),
+        (torch.optim.Adam, 100, True, "native"),
+        (torch.optim.Rprop, 100, False, "eager"),
+        (torch.optim.Rprop, 100, None, "eager"),
+        (torch.optim.Rprop, kernels.COMPILE_THRESHOLD, None, "compiled"),
+        (torch.optim.Rprop, 100, True, "compiled"),
+        # One element would need a graph of its own.
+        (torch.optim.Rprop, 1, True, "eager"),
+    ],
+)
+def test_update_chooses(
+    paths: list[str], cls: type[torch.optim.Optimizer], numel: int, fused: bool | None, path: str
+) -> None:
+    algorithm, group = ALGORITHMS[cls], make_group(cls, {})
+    chosen = Run(algorithm, group, lambda *args: kernels.update(*args, fused=fused), (0, numel))
+    reference = Run(algorithm, group, eager, (0, numel))
+    for _ in range(2):
+        chosen.step()
+        reference.step()
+    assert paths == ([] if path == "eager" else [path, path])
+    if path == "eager":
+        assert torch.equal(chosen.param, reference.param)
+    torch.testing.assert_close(chosen.param, reference.param, rtol=RTOL, atol=ATOL)
+
+
+def _warnings_of(run: Callable[[], None]) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+    return [str(w.message) for w in caught if str(w.message).startswith("shardopt")]
+
+
+def _steps(run: Run, count: int) -> Callable[[], None]:
+    def steps() -> None:
+        for _ in range(count):
+            run.step()
+
+    return steps
+
+
+def test_fused_without_compiling_runs_eagerly_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(kernels.COMPILE_ENV, "0")
+    kernels._warn_once.cache_clear()
+    algorithm, group = ALGORITHMS[torch.optim.Rprop], make_group(torch.optim.Rprop, {})
+    fused = Run(algorithm, group, lambda *args: kernels.update(*args, fused=True))
+    reference = Run(algorithm, group, eager)
+    messages = _warnings_of(_steps(fused, 3))
+    _steps(reference, 3)()
+    assert len(messages) == 1 and kernels.COMPILE_ENV in messages[0], messages
+    assert torch.equal(fused.param, reference.param)
+
+    # Not asked for (fused=None), compiling is silently off.
+    auto = Run(algorithm, group, lambda *args: kernels.update(*args, fused=None), (0, kernels.COMPILE_THRESHOLD))
+    assert _warnings_of(_steps(auto, 1)) == []
+
+
+class Untraceable(Rprop):
+    """Rprop with a branch on a tensor's value, which torch.compile(fullgraph=True) refuses."""
+
+    def elementwise(self, param: Tensor, grad: Tensor, state: dict[str, Tensor], coefficients: Any, group: Any) -> None:
+        if grad.sum().item() > 1e30:
+            grad = grad.clone()
+        super().elementwise(param, grad, state, coefficients, group)
+
+
+class NoNativeHere(Adam):
+    """Adam whose native kernel refuses this device, as torch's do where they have no kernel."""
+
+    def native_fused(self, *args: Any) -> None:
+        raise NotImplementedError("no fused kernel for this backend")
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "fused", "reason"),
+    [(Untraceable(), True, "compiling Rprop's update failed"), (NoNativeHere(), None, "fused Adam kernel")],
+    ids=["compile-fails", "native-refuses"],
+)
+def test_failing_path_falls_back_to_eager_with_one_warning(algorithm: Algorithm, fused: bool, reason: str) -> None:
+    kernels._warn_once.cache_clear()
+    group = make_group(algorithm.torch_class, {})
+    ours = Run(algorithm, group, lambda *args: kernels.update(*args, fused=fused))
+    reference = Run(algorithm, group, eager)
+    messages = _warnings_of(_steps(ours, 3))
+    _steps(reference, 3)()
+    assert len(messages) == 1 and reason in messages[0], messages
+    assert torch.equal(ours.param, reference.param)
+
+
+@pytest.mark.parametrize("fused", [False, None, True])
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.NAdam])
+def test_empty_slice_still_advances_the_scalars(cls: type[torch.optim.Optimizer], fused: bool | None) -> None:
+    algorithm, group = ALGORITHMS[cls], make_group(cls, {})
+    run = Run(algorithm, group, lambda *args: kernels.update(*args, fused=fused), (0, 0))
+    reference = Run(algorithm, group, eager, (0, 0))
+    for _ in range(3):
+        run.step()
+        reference.step()
+    assert run.scalars[0]["step"] == 3
+    for name, value in reference.scalars[0].items():
+        assert torch.equal(run.scalars[0][name], value), name
