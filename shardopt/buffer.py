@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .layout import BufferLayout, Span
+from .layout import BufferLayout
 
 # What a parameter's .grad held when its buffer was flattened.
 NO_GRAD, DENSE, SPARSE = 0, 1, 2
@@ -105,10 +105,6 @@ class ShardedBuffer:
         for slot, param, present in zip(self.layout.slots, self.params, has_grad):
             if present:
                 param.grad = full[slot.span.slice].view(slot.shape)
-
-    def slot_span_in_shard(self, slot: int) -> list[tuple[Span, Span]]:
-        """(span in shard, span in parameter) of the part of slot ``slot`` this rank owns."""
-        return [(piece.in_shard, piece.in_param) for piece in self.pieces if piece.slot == slot]
 
     def grad_bytes(self, stage: int) -> int:
         numel = self.layout.numel if stage == 1 else self.layout.shard_numel

@@ -148,7 +148,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     f"{flag}=True is not supported by shardopt yet (param group {g}); leave it False"
                 )
         seen: set[Tensor] = set()
-        devices = {p.device for group in self.param_groups[:g] for p in group["params"]}
+        devices = {p.device for earlier in self.param_groups[:g] for p in earlier["params"]}
         for i, param in enumerate(group["params"]):
             where = self._describe(group, g, i)
             if param in seen:
