@@ -41,7 +41,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MB = 1e6
 REFERENCE = "ddp"
 # The rows that must end with the reference's parameters: the same math on the same data.
-PARITY = ("shardopt1", "shardopt2")
+PARITY = ("shardopt1", "shardopt2", "shardopt2-overlap")
 # torch.optim's fp32 parity tolerance per step (shared/DESIGN.md), times the number of steps.
 RTOL_PER_STEP, ATOL_PER_STEP = 1e-5, 1e-6
 

@@ -182,6 +182,7 @@ class Trainer:
     step: Callable[[Tensor, Tensor], Tensor]  # forward + backward + optimizer step; returns the loss
     state_bytes: Callable[[], int]  # this rank's optimizer state
     analytic_wire_bytes: float = 0.0  # per step, for collectives issued from C++ (not counted)
+    finish: Callable[[], None] = lambda: None  # makes the parameters whole before they are read
 
 
 def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[Tensor, Tensor], Tensor]:
@@ -275,12 +276,25 @@ def setup_deepspeed(model: nn.Module, ctx: Context, stage: int) -> Trainer:
     return Trainer(step, lambda: tensor_bytes(optimizer.optimizer.state))
 
 
-def setup_shardopt(model: nn.Module, ctx: Context, stage: int) -> Trainer:
+def setup_local(model: nn.Module, ctx: Context) -> Trainer:
+    """No communication at all: each rank trains its own copy. Not a contender but the floor, the
+    compute (forward, backward, update) that every data-parallel row pays before its collectives."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
+    return Trainer(plain_step(model, optimizer), lambda: tensor_bytes(optimizer.state))
+
+
+def setup_shardopt(model: nn.Module, ctx: Context, stage: int, overlap_param_gather: bool = False) -> Trainer:
     import shardopt
 
     # No DDP: shardopt reduces the gradients itself (stage 2 already during backward).
-    optimizer = shardopt.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, stage=stage)
-    return Trainer(plain_step(model, optimizer), lambda: optimizer.memory_stats()["state_bytes"])
+    optimizer = shardopt.AdamW(
+        model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, stage=stage, overlap_param_gather=overlap_param_gather
+    )
+    return Trainer(
+        plain_step(model, optimizer),
+        lambda: optimizer.memory_stats()["state_bytes"],
+        finish=optimizer.finish_param_gather,
+    )
 
 
 @dataclass(frozen=True)
@@ -318,6 +332,12 @@ CONTENDERS: dict[str, Contender] = {
     ),
     "shardopt1": Contender("shardopt stage 1", lambda model, ctx: setup_shardopt(model, ctx, 1), modules=("shardopt",)),
     "shardopt2": Contender("shardopt stage 2", lambda model, ctx: setup_shardopt(model, ctx, 2), modules=("shardopt",)),
+    "shardopt2-overlap": Contender(
+        "shardopt stage 2, overlap_param_gather",
+        lambda model, ctx: setup_shardopt(model, ctx, 2, overlap_param_gather=True),
+        modules=("shardopt",),
+    ),
+    "local": Contender("(floor) no communication: local AdamW(fused) per rank", setup_local),
 }
 
 
@@ -389,6 +409,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if step >= args.warmup:
             step_seconds.append(elapsed)
             wire_bytes.append(counter.wire_bytes)
+    trainer.finish()
     peak = memory.peak()
     result = {
         "contender": args.contender,

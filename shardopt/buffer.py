@@ -40,6 +40,9 @@ class ShardedBuffer:
                 view = self.flat[slot.span.slice]
                 view.copy_(param.detach().reshape(-1))
                 param.data = view.view(slot.shape)
+        # Elements no parameter covers: a reused gradient staging buffer must zero them.
+        gaps = [torch.arange(gap.start, gap.end, device=first.device) for gap in layout.gaps()]
+        self.gap_index = torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.long, device=first.device)
         self.shard = layout.shard(rank)
         self.pieces = layout.pieces(rank)
         self.state: dict[str, Tensor] = {}

@@ -93,6 +93,17 @@ class BufferLayout:
             raise ValueError(f"rank {rank} is outside a world of {self.world_size}")
         return Span(rank * self.shard_numel, (rank + 1) * self.shard_numel)
 
+    def gaps(self) -> tuple[Span, ...]:
+        """The elements no parameter covers: alignment gaps between parameters and the end padding."""
+        gaps, end = [], 0
+        for slot in self.slots:
+            if slot.span.start > end:
+                gaps.append(Span(end, slot.span.start))
+            end = slot.span.end
+        if self.numel > end:
+            gaps.append(Span(end, self.numel))
+        return tuple(gaps)
+
     def pieces(self, rank: int) -> tuple[Piece, ...]:
         """The parameters (or parts of them) that rank ``rank`` owns, in buffer order."""
         shard = self.shard(rank)

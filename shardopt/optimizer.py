@@ -26,6 +26,7 @@ from . import state_dict as state_format
 from .buffer import ShardedBuffer
 from .comm import Comm
 from .layout import ParamSpec, Span, plan_buffers, runs
+from .param_gather import ParamGathers
 from .reducer import GradReducer
 
 GRAD_REDUCTIONS = ("mean", "sum", None)
@@ -57,12 +58,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         optimizer_class: a torch.optim algorithm class (``torch.optim.AdamW``) or its name (``"adamw"``).
         process_group: the data-parallel group; None means the default group, or a world of one
             when torch.distributed is not initialised.
-        stage: 1 shards the optimizer state; 2 shards the gradients as well (``p.grad`` is
-            released by ``step()``).
+        stage: 1 shards the optimizer state; 2 shards the gradients as well (each ``p.grad`` is
+            moved into its bucket's reduction as backward produces it, so it is None after backward).
         grad_reduction: ``"mean"`` or ``"sum"`` of the ranks' gradients, or None when they are
             already reduced (under DDP).
         timeout: seconds (or a timedelta) any collective of ours may wait before raising.
         bucket_cap_mb: the largest flat buffer, in MiB; each buffer is one reduction.
+        overlap_param_gather: leave the all-gathers of updated parameters in flight after ``step()``;
+            each module's forward pre-hook waits for its own parameters (see :meth:`finish_param_gather`).
         fused: how each shard update runs: torch's native fused kernel (Adam, AdamW, SGD,
             Adagrad), else ``torch.compile`` of the algorithm's element-wise math; True insists,
             False runs eagerly, None (default) chooses, compiling only shards of 1M elements or more.
@@ -82,6 +85,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         grad_reduction: str | None = "mean",
         timeout: float | timedelta = 300,
         bucket_cap_mb: float = 25,
+        overlap_param_gather: bool = False,
         **kwargs: Any,
     ) -> None:
         self._algorithm = algorithms.resolve(optimizer_class)
@@ -97,6 +101,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             or not 0 < bucket_cap_mb < math.inf
         ):
             raise ValueError(f"bucket_cap_mb must be a finite positive number of MiB, got {bucket_cap_mb!r}")
+        if not isinstance(overlap_param_gather, bool):
+            raise TypeError(f"overlap_param_gather must be True or False, got {overlap_param_gather!r}")
         if isinstance(params, Tensor):
             raise TypeError(
                 "params argument given to the optimizer should be an iterable of Tensors or dicts, "
@@ -123,6 +129,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._scalar_dtype = _get_scalar_dtype()
         self._buffers: list[ShardedBuffer] = []
         self._reducer = GradReducer(self._comm, stage, grad_reduction)
+        self._gathers = ParamGathers(lazy=overlap_param_gather)
         # Parameters of the groups that did not require grad when added: kept in the
         # groups (state_dict numbering counts them, as torch's does) but not sharded.
         self._unsharded: list[tuple[int, int, Tensor]] = []
@@ -194,6 +201,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._comm.broadcast_(buffer.flat, "the broadcast of the initial parameters").wait()
             if self._algorithm.eager_state:
                 self._create_state(buffer, group, list(range(len(params))), [Span(0, layout.shard_numel)])
+            self._gathers.add_bucket(len(self._buffers), params)
             self._buffers.append(buffer)
             self._reducer.add(buffer)
 
@@ -207,10 +215,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         with torch.no_grad():
             try:
+                self._gathers.wait_all()  # the update writes the shards the last step's gathers read
                 self._reducer.launch_remaining()
                 has_grad, late, loss = self._agree(loss)
                 self._reducer.launch_late(late)
-                gathers = []
                 offset = 0
                 for index, buffer in enumerate(self._buffers):
                     present = has_grad[offset : offset + len(buffer.params)]
@@ -218,17 +226,24 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     grad_shard = self._reducer.reduced_shard(index)
                     if present.any():
                         self._update(buffer, grad_shard, present)
-                        # Issued now, waited below: the next buffer's update overlaps this gather.
-                        gathers.append(
-                            self._comm.all_gather(
-                                buffer.flat, buffer.param_shard, "the all-gather of updated parameters"
-                            )
+                        # Issued now, waited later: the next buffer's update overlaps this gather.
+                        gather = self._comm.all_gather(
+                            buffer.flat, buffer.param_shard, "the all-gather of updated parameters"
                         )
-                for gather in gathers:
-                    gather.wait()
+                        self._gathers.issue(index, gather)
+                self._gathers.issued_all()
             finally:
                 self._reducer.reset()
         return loss
+
+    def finish_param_gather(self) -> None:
+        """Wait for the parameter all-gathers the last step left in flight (``overlap_param_gather=True``).
+
+        Forward pre-hooks wait for each module's own parameters; call this before reading
+        parameters any other way (a functional call, ``model.state_dict()``, a weight tied into
+        a module that does not own it).
+        """
+        self._gathers.wait_all()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's; also drops gradient already handed to an unfinished reduction."""
@@ -355,6 +370,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """Collective: the full state, in ``torch.optim.<Algo>.state_dict()``'s format, on every rank."""
+        self._gathers.wait_all()
         states: dict[Tensor, state_format.StateEntry] = {}
         for buffer in self._buffers:
             entries = state_format.gather_buffer_state(buffer, self._comm, self._scalar_dtype)
@@ -373,6 +389,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         Everything is checked before anything changes: a dict for another model raises
         ValueError naming the first mismatch and leaves this optimizer as it was.
         """
+        self._gathers.wait_all()
         new_groups, states = state_format.unpack(state_dict, self.param_groups, self.defaults)
         for g, group in enumerate(new_groups):
             self._check_group(group, g)
@@ -389,10 +406,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def memory_stats(self) -> dict[str, int]:
         """This rank's bytes: the full parameters it holds, its gradients (stage 1: full; stage 2:
-        its shard) and its shard of the optimizer state."""
+        its shard), the stage-2 staging buffers gradients pass through on their way to a
+        reduction (a few buckets, reused every step) and its shard of the optimizer state."""
         return {
             "param_bytes": sum(b.flat.numel() * b.flat.element_size() for b in self._buffers),
             "grad_bytes": sum(b.grad_bytes(self._stage) for b in self._buffers),
+            "staging_bytes": self._reducer.staging_bytes,
             "state_bytes": sum(b.state_bytes() for b in self._buffers),
         }
 

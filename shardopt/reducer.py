@@ -1,15 +1,22 @@
 """The gradient pipeline: from each parameter's ``.grad`` to this rank's shard of the reduced gradient.
 
-Stage 2 overlaps the reduction with backward. A post-accumulate-grad hook counts, per
-buffer, the parameters whose gradient has arrived; once a buffer is complete, and every
-buffer before it in the launch order has been launched, its gradients are copied into
-one flat tensor, released (``p.grad = None``) and reduce-scattered asynchronously while
-backward goes on. ``step()`` launches what backward left (buffers with a parameter that
-is unused on this rank, gradients written into ``.grad`` directly) in the same order, so
-every rank issues the same collectives in the same order however its backward went.
-Gradient that arrives for a buffer after its launch (a second backward before the step)
-is reduced in a second round, which every rank joins when any rank needs it; reductions
-are sums, so the rounds add up to the reduction of the total.
+Stage 2 overlaps the reduction with backward, as DDP does. A post-accumulate-grad hook
+copies each parameter's gradient into its span of the bucket's staging buffer as soon as
+autograd has it, and releases it (``p.grad = None``), so a gradient exists twice only for
+the length of one copy. Once a bucket is complete, and every bucket before it in the launch
+order has been launched, its staging buffer is reduce-scattered asynchronously while
+backward goes on. Staging buffers come from a pool of at most ``MAX_STAGING`` per dtype and
+device: a bucket that needs one when all are taken first waits for the oldest reduction in
+flight, which hands its buffer back. So the gradient memory of a step is this rank's shard
+plus a few buckets, not a full copy of the model's gradients, and no bucket pays for a fresh
+allocation every step. In a world of one the gradients are copied straight into the shard.
+
+``step()`` launches what backward left (buckets with a parameter that is unused on this
+rank, gradients written into ``.grad`` directly) in the same order, so every rank issues the
+same collectives in the same order however its backward went. Gradient that arrives for a
+bucket after its launch (a second backward before the step) is reduced in a second round,
+which every rank joins when any rank needs it; reductions are sums, so the rounds add up to
+the reduction of the total.
 
 Stage 1 reduces at ``step()``: each buffer's full gradient is all-reduced and the
 parameters' ``.grad`` become views of the result, as under DDP.
@@ -17,25 +24,80 @@ parameters' ``.grad`` become views of the result, as under DDP.
 
 from __future__ import annotations
 
+import operator
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .buffer import NO_GRAD, SPARSE, ShardedBuffer
+from .buffer import DENSE, NO_GRAD, SPARSE, ShardedBuffer
 from .comm import Comm, Pending
+
+# Staging buffers (each as long as the longest bucket) per dtype and device: two reductions in
+# flight keep the link busy while a third bucket fills, and a fourth absorbs buckets that
+# complete out of the launch order. More are made only if every one is filling, none in flight.
+MAX_STAGING = 4
+_GRAD = operator.attrgetter("grad")
+
+
+class StagingPool:
+    """Flat scratch buffers for gradients on their way into a reduction, reused step after step.
+
+    One buffer fits any bucket of its dtype and device (it is as long as the longest), so
+    buckets of different sizes share them.
+    """
+
+    def __init__(self) -> None:
+        self._numel: dict[tuple[torch.dtype, torch.device], int] = {}
+        self._free: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        self._created: list[Tensor] = []
+
+    def reserve(self, like: Tensor) -> None:
+        """Buffers for ``like``'s dtype and device must be able to hold all of ``like``."""
+        key = (like.dtype, like.device)
+        self._numel[key] = max(self._numel.get(key, 0), like.numel())
+
+    def has_free(self, like: Tensor) -> bool:
+        return bool(self._free.get((like.dtype, like.device)))
+
+    def count(self, like: Tensor) -> int:
+        return sum(base.dtype == like.dtype and base.device == like.device for base in self._created)
+
+    def take(self, like: Tensor) -> Tensor:
+        """A buffer of ``like``'s size, dtype and device, with arbitrary contents."""
+        key = (like.dtype, like.device)
+        free = self._free.setdefault(key, [])
+        while free:
+            base = free.pop()
+            if base.numel() >= like.numel():
+                return base[: like.numel()]
+            self._created.remove(base)  # outgrown by a buffer added since
+        base = torch.empty(self._numel[key], dtype=like.dtype, device=like.device)
+        self._created.append(base)
+        return base[: like.numel()]
+
+    def give(self, staging: Tensor) -> None:
+        base = staging if staging._base is None else staging._base
+        self._free.setdefault((base.dtype, base.device), []).append(base)
+
+    @property
+    def bytes(self) -> int:
+        return sum(base.numel() * base.element_size() for base in self._created)
 
 
 @dataclass
 class _Round:
     """One issued reduction of a buffer's gradient."""
 
+    buffer: ShardedBuffer
     pending: Pending | None  # None: nothing to wait for (no reduction, or a world of one)
-    full: Tensor  # the flattened local gradient, kept alive until the collective is done
+    staging: Tensor | None  # handed back to the pool once the collective is done
     into: Tensor  # where the result lands
     accumulate: bool  # add ``into`` to the gradient shard once done (a second round)
+    done: bool = False
 
 
 @dataclass
@@ -45,14 +107,16 @@ class _Window:
     size: int
     arrived: list[bool] = field(init=False)
     arrived_count: int = 0
-    codes: Tensor = field(init=False)  # NO_GRAD / DENSE / SPARSE per parameter, as flattened
+    codes: list[int] = field(init=False)  # NO_GRAD / DENSE / SPARSE per parameter, as absorbed
+    staging: Tensor | None = None  # being filled, not launched yet
+    views: list[Tensor] = field(default_factory=list)  # of ``staging``, one per parameter
     launched: bool = False
     late: bool = False
     rounds: list[_Round] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.arrived = [False] * self.size
-        self.codes = torch.zeros(self.size, dtype=torch.float64)
+        self.codes = [NO_GRAD] * self.size
 
     @property
     def complete(self) -> bool:
@@ -70,11 +134,15 @@ class GradReducer:
         self._buffers: list[ShardedBuffer] = []
         self._windows: list[_Window] = []
         self._next = 0  # position in the launch order of the next buffer to launch
+        self._pool = StagingPool()
+        self._in_flight: deque[_Round] = deque()
+        self._views: dict[tuple[int, int], list[Tensor]] = {}
 
     def add(self, buffer: ShardedBuffer) -> None:
         self._buffers.append(buffer)
         self._windows.append(_Window(len(buffer.params)))
         if self._stage == 2:
+            self._pool.reserve(buffer.flat)
             index = len(self._buffers) - 1
             handles = [
                 param.register_post_accumulate_grad_hook(_arrival_hook(weakref.ref(self), index, slot))
@@ -83,20 +151,73 @@ class GradReducer:
             # Hooks outlive an optimizer that is dropped; they must not launch collectives for it.
             weakref.finalize(self, _remove_all, handles)
 
+    @property
+    def staging_bytes(self) -> int:
+        return self._pool.bytes
+
+    # ------------------------------------------------------------------ backward
+
     def arrived(self, index: int, slot: int) -> None:
-        """Parameter ``slot`` of buffer ``index`` has its gradient (called from backward)."""
+        """Parameter ``slot`` of buffer ``index`` has its gradient (called from backward, stage 2)."""
         window = self._windows[index]
         if window.launched:
             window.late = True
-        elif not window.arrived[slot]:
+            return
+        self._absorb(index, slot)
+        if not window.arrived[slot]:
             window.arrived[slot] = True
             window.arrived_count += 1
             if window.complete:
                 self._launch_in_order(until_incomplete=True)
 
-    def _order(self) -> range:
-        # Backward produces the last parameters' gradients first: launch the last buffer first.
-        return range(len(self._buffers) - 1, -1, -1)
+    def _staging(self, index: int) -> Tensor:
+        """Buffer ``index``'s staging buffer for this round, its alignment gaps zeroed."""
+        window, buffer = self._windows[index], self._buffers[index]
+        if window.staging is None:
+            if self._comm.world_size == 1 and not window.launched:
+                staging = self._grad_shard(buffer)  # nothing to reduce: straight into the shard
+            else:
+                staging = self._take(buffer.flat)
+            if buffer.gap_index.numel():
+                staging.index_fill_(0, buffer.gap_index, 0)
+            window.staging = staging
+            window.views = self._slot_views(index, staging)
+        return window.staging
+
+    def _slot_views(self, index: int, staging: Tensor) -> list[Tensor]:
+        """Views of ``staging`` shaped like buffer ``index``'s parameters; made once per staging buffer,
+        as making a view costs more than copying a small gradient into it."""
+        key = (index, staging.data_ptr())
+        if key not in self._views:
+            slots = self._buffers[index].layout.slots
+            self._views[key] = [staging[slot.span.slice].view(slot.shape) for slot in slots]
+        return self._views[key]
+
+    def _take(self, like: Tensor) -> Tensor:
+        pool = self._pool
+        while self._in_flight and not pool.has_free(like) and pool.count(like) >= MAX_STAGING:
+            self._finish(self._in_flight.popleft())
+        return pool.take(like)
+
+    def _absorb(self, index: int, slot: int) -> None:
+        """Move parameter ``slot``'s ``.grad`` into the staging buffer: copied the first time this
+        round, added after that (a second backward before the launch), zeros if it has none."""
+        window = self._windows[index]
+        if window.staging is None:
+            self._staging(index)
+        param = self._buffers[index].params[slot]
+        grad, span, first = param.grad, window.views[slot], not window.arrived[slot]
+        code = NO_GRAD if grad is None else SPARSE if grad.is_sparse else DENSE
+        if code == DENSE:
+            if first:
+                span.copy_(grad)
+            else:
+                span.add_(grad)
+        elif first:
+            span.zero_()  # a sparse gradient is an error every rank raises at the agreement
+        if code > window.codes[slot]:
+            window.codes[slot] = code
+        param.grad = None
 
     def _launch_in_order(self, until_incomplete: bool) -> None:
         order = self._order()
@@ -107,31 +228,61 @@ class GradReducer:
             self._launch(index)
             self._next += 1
 
+    @staticmethod
+    def _grad_shard(buffer: ShardedBuffer) -> Tensor:
+        if buffer.grad_shard is None:
+            buffer.grad_shard = torch.empty_like(buffer.param_shard)
+        return buffer.grad_shard
+
+    def _order(self) -> range:
+        # Backward produces the last parameters' gradients first: launch the last buffer first.
+        return range(len(self._buffers) - 1, -1, -1)
+
     def _launch(self, index: int) -> None:
-        """Flatten buffer ``index``'s gradients and issue their reduction."""
+        """Issue buffer ``index``'s reduction (stage 2: of what its staging buffer holds, after
+        absorbing the gradients that did not arrive through backward)."""
         buffer, window = self._buffers[index], self._windows[index]
         if self._stage == 1:
             if buffer.full_grad is None:
                 buffer.full_grad = torch.zeros_like(buffer.flat)
-            full = into = buffer.full_grad
-            window.codes = torch.tensor(buffer.flatten_grads(full, release=False), dtype=torch.float64)
+            full = buffer.full_grad
+            window.codes = buffer.flatten_grads(full, release=False)
             pending = self._comm.all_reduce_(full, "the gradient all-reduce") if self._reduce else None
-            window.rounds.append(_Round(pending, full, into, accumulate=False))
-        else:
-            full = torch.zeros_like(buffer.flat)
-            codes = torch.tensor(buffer.flatten_grads(full, release=True), dtype=torch.float64)
-            window.codes = torch.maximum(window.codes, codes)
-            if buffer.grad_shard is None:
-                buffer.grad_shard = torch.empty_like(buffer.param_shard)
-            accumulate = bool(window.rounds)
-            into = torch.empty_like(buffer.grad_shard) if accumulate else buffer.grad_shard
-            pending = None
-            if self._reduce:
-                pending = self._comm.reduce_scatter(into, full, "the gradient reduce-scatter")
-            else:
-                into.copy_(full[buffer.shard.slice])
-            window.rounds.append(_Round(pending, full, into, accumulate))
+            window.rounds.append(_Round(buffer, pending, None, full, accumulate=False))
+            window.launched = True
+            return
+        for slot in range(window.size):
+            if not window.arrived[slot]:
+                self._absorb(index, slot)
+        staging, window.staging = self._staging(index), None
+        window.arrived = [False] * window.size  # a second round starts from an empty staging buffer
+        grad_shard = self._grad_shard(buffer)
+        accumulate = window.launched
         window.launched = True
+        if staging is grad_shard:
+            window.rounds.append(_Round(buffer, None, None, grad_shard, accumulate=False))
+            return
+        into = torch.empty_like(grad_shard) if accumulate else grad_shard
+        pending = None
+        if self._reduce:
+            pending = self._comm.reduce_scatter(into, staging, "the gradient reduce-scatter")
+        else:
+            into.copy_(staging[buffer.shard.slice])
+        round_ = _Round(buffer, pending, staging, into, accumulate)
+        window.rounds.append(round_)
+        self._in_flight.append(round_)
+
+    def _finish(self, round_: _Round) -> None:
+        """Wait for ``round_`` and complete it on this rank (rounds of a buffer finish in order)."""
+        if round_.done:
+            return
+        round_.done = True
+        if round_.pending is not None:
+            round_.pending.wait()
+        if round_.accumulate:
+            round_.buffer.grad_shard.add_(round_.into)
+        if round_.staging is not None:
+            self._pool.give(round_.staging)
 
     # ------------------------------------------------------------------ step()
 
@@ -142,16 +293,18 @@ class GradReducer:
         second backward) is marked late.
         """
         for window, buffer in zip(self._windows, self._buffers):
-            if window.launched:
-                codes = torch.tensor(buffer.grad_codes(), dtype=torch.float64)
-                if codes.any():
-                    window.late = True
-                    window.codes = torch.maximum(window.codes, codes)
+            # map(attrgetter) runs at C speed: this is the one look at every parameter a step takes.
+            if window.launched and (window.late or _grads(buffer).count(None) < window.size):
+                window.late = True
+                for slot, param in enumerate(buffer.params):
+                    if param.grad is not None:
+                        code = SPARSE if param.grad.is_sparse else DENSE
+                        window.codes[slot] = max(window.codes[slot], code)
         self._launch_in_order(until_incomplete=False)
 
     def local_flags(self) -> tuple[Tensor, Tensor, Tensor]:
         """This rank's (has a gradient, has a sparse gradient) per parameter, and late per buffer."""
-        codes = torch.cat([w.codes for w in self._windows]) if self._windows else torch.zeros(0, dtype=torch.float64)
+        codes = torch.cat([_as_tensor(w.codes) for w in self._windows] or [torch.zeros(0, dtype=torch.float64)])
         late = torch.tensor([float(w.late) for w in self._windows], dtype=torch.float64)
         return (codes != NO_GRAD).double(), (codes == SPARSE).double(), late
 
@@ -165,16 +318,13 @@ class GradReducer:
         """Wait for buffer ``index``'s reductions; this rank's shard of the reduced gradient."""
         buffer, window = self._buffers[index], self._windows[index]
         for round_ in window.rounds:
-            if round_.pending is not None:
-                round_.pending.wait()
-            if round_.accumulate:
-                buffer.grad_shard.add_(round_.into)
+            self._finish(round_)
         window.rounds.clear()
         scale = self._comm.world_size if self._mean and self._comm.world_size > 1 else None
         if self._stage == 1:
             if scale:
                 buffer.full_grad.div_(scale)
-            buffer.bind_grads(buffer.full_grad, (window.codes != NO_GRAD).tolist())
+            buffer.bind_grads(buffer.full_grad, [code != NO_GRAD for code in window.codes])
             return buffer.full_grad[buffer.shard.slice]
         if scale:
             buffer.grad_shard.div_(scale)
@@ -182,12 +332,26 @@ class GradReducer:
 
     def reset(self) -> None:
         """Start a new window: wait for anything still in flight and forget the gradients."""
-        for window in self._windows:
+        while self._in_flight:
+            self._finish(self._in_flight.popleft())
+        for window, buffer in zip(self._windows, self._buffers):
             for round_ in window.rounds:
-                if round_.pending is not None:
-                    round_.pending.wait()
+                self._finish(round_)
+            if window.staging is not None and window.staging is not buffer.grad_shard:
+                self._pool.give(window.staging)
         self._windows = [_Window(len(buffer.params)) for buffer in self._buffers]
         self._next = 0
+
+
+def _grads(buffer: ShardedBuffer) -> list[Tensor | None]:
+    return list(map(_GRAD, buffer.params))
+
+
+def _as_tensor(codes: list[int]) -> Tensor:
+    # Every parameter dense is the common case; testing for it runs at C speed, a general list does not.
+    if codes.count(DENSE) == len(codes):
+        return torch.full((len(codes),), float(DENSE), dtype=torch.float64)
+    return torch.tensor(codes, dtype=torch.float64)
 
 
 def _arrival_hook(reducer: weakref.ref[GradReducer], index: int, slot: int) -> Callable[[Tensor], None]:

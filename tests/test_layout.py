@@ -371,6 +371,16 @@ def _check_bucket_cap(plan: Plan) -> None:
             assert (start + after.slots[0].span.size) * plan.itemsize(key) > plan.cap
 
 
+def _check_gaps_and_slots_tile_buffer(layout: BufferLayout) -> None:
+    covered = sorted([slot.span for slot in layout.slots] + list(layout.gaps()), key=lambda span: span.start)
+    reached = 0
+    for span in covered:
+        assert span.start == reached
+        reached = span.end
+    assert reached == layout.numel
+    assert all(gap.size > 0 for gap in layout.gaps())
+
+
 def _check_runs_one_key_is_one_span(layout: BufferLayout) -> None:
     for rank in range(layout.world_size):
         pieces = layout.pieces(rank)
@@ -392,6 +402,7 @@ def test_property_layout_invariants(plan: Plan) -> None:
         _check_shards_equal_contiguous_and_tile(layout, alignment)
         _check_slots_disjoint_aligned_small_gaps(layout, alignment)
         _check_in_param_spans_tile_parameter(layout)
+        _check_gaps_and_slots_tile_buffer(layout)
         _check_runs_one_key_is_one_span(layout)
 
 
