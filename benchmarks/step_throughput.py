@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--numel", type=float, default=50e6)
     parser.add_argument("--tensors", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--name", default="step_throughput", help="results file name, without extension")
     args = parser.parse_args()
     numel, threads = int(args.numel), torch.get_num_threads()
     bandwidth = stream_bandwidth(numel, args.repeats)
@@ -164,8 +165,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "step_throughput.md").write_text(table + "\n")
-    plot(rows, RESULTS / "step_throughput.png")
+    (RESULTS / f"{args.name}.md").write_text(table + "\n")
+    plot(rows, RESULTS / f"{args.name}.png")
 
 
 def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:

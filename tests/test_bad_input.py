@@ -167,8 +167,18 @@ def test_torch_validation_message_passes_through(
         ({"timeout": -5}, ValueError, r"timeout must be a finite positive number of seconds, got -5.0"),
         ({"bucket_cap_mb": 0}, ValueError, r"bucket_cap_mb must be a finite positive number of MiB, got 0"),
         ({"bucket_cap_mb": -1.5}, ValueError, r"bucket_cap_mb must be a finite positive number of MiB, got -1.5"),
+        ({"overlap_param_gather": "yes"}, TypeError, r"overlap_param_gather must be True or False, got 'yes'"),
     ],
-    ids=["stage", "grad_reduction", "timeout-str", "timeout-zero", "timeout-negative", "bucket-zero", "bucket-neg"],
+    ids=[
+        "stage",
+        "grad_reduction",
+        "timeout-str",
+        "timeout-zero",
+        "timeout-negative",
+        "bucket-zero",
+        "bucket-neg",
+        "overlap",
+    ],
 )
 def test_bad_sharding_option(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
