@@ -99,9 +99,11 @@ def time_shardopt(torch_class: type, params: list[torch.nn.Parameter], repeats: 
 
 def time_update(optimizer: shardopt.ShardedOptimizer) -> None:
     """The update alone: every buffer's shard, as step() runs it, without the collectives."""
+    works = []
     for buffer in optimizer._buffers:
         grad = buffer.grad_shard if buffer.grad_shard is not None else torch.zeros_like(buffer.param_shard)
-        optimizer._update(buffer, grad, torch.ones(len(buffer.params), dtype=torch.bool))
+        works += optimizer._plan(buffer, grad, torch.ones(len(buffer.params), dtype=torch.bool))
+    optimizer._run(works)
 
 
 def per_rank_update(numel: int, tensors: int, repeats: int) -> dict[str, float]:

@@ -2,9 +2,9 @@
 
 Three interchangeable paths, with torch.optim's results (to rounding) on each:
 
-- native: torch's own fused kernel (``torch._fused_adam_`` and friends), called on the
-  whole slice as one tensor, where the algorithm has one (Adam, AdamW, SGD, Adagrad)
-  and the device and dtype take it;
+- native: torch's own fused kernel (``torch._fused_adam_`` and friends), one call over
+  every slice that shares its scalar state (usually every bucket's whole shard), where
+  the algorithm has one (Adam, AdamW, SGD, Adagrad) and the device and dtype take it;
 - compiled: ``torch.compile`` of the algorithm's ``elementwise`` (C++/OpenMP on CPU,
   Triton on CUDA): one graph per algorithm, device, dtype and combination of its static
   flags, with dynamic shapes and every float coefficient a tensor input, so neither a
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .algorithms import Algorithm, Group
+from .algorithms import Algorithm, Group, Slices
 from .algorithms.base import Coefficients
 
 #: Below this many elements, ``fused=None`` does not compile: the first compile takes
@@ -53,28 +53,35 @@ def update(
     fresh: bool,
     fused: bool | None,
 ) -> None:
-    """``algorithm.update`` of one slice, run by the path ``fused`` asks for.
+    """``algorithm.update`` of one slice, run by the path ``fused`` asks for (see :func:`update_many`)."""
+    update_many(algorithm, Slices([param], [grad], [state]), scalars, group, fresh, fused)
 
-    ``fused=False``: eager. ``fused=True``: the native kernel where there is one, else
-    compiled, else (compiling disabled or failed) eager with one warning per reason.
-    ``fused=None``: the native kernel where there is one, compiled for slices of at
-    least :data:`COMPILE_THRESHOLD` elements, else eager.
+
+def update_many(
+    algorithm: Algorithm, slices: Slices, scalars: dict[str, Tensor], group: Group, fresh: bool, fused: bool | None
+) -> None:
+    """``algorithm.update`` of slices that share ``scalars`` (advanced once, for all of them),
+    all on one device and of one dtype, run by the path ``fused`` asks for.
+
+    ``fused=False``: eager. ``fused=True``: the native kernel where there is one (one call
+    for every slice, as torch's fused optimizers make one call per step), else compiled,
+    else (compiling disabled or failed) eager with one warning per reason. ``fused=None``:
+    the native kernel where there is one, compiled for slices of at least
+    :data:`COMPILE_THRESHOLD` elements, else eager.
     """
-    if fused is False:
-        algorithm.update(param, grad, state, scalars, group, fresh)
-        return
     coefficients = algorithm.coefficients(scalars, group, fresh)
-    if run_native(algorithm, param, grad, state, scalars, group, fresh):
+    if fused is not False and run_native(algorithm, slices, scalars, group, fresh):
         return
-    numel = param.numel()
-    # Sizes 0 and 1 would each get a graph of their own (torch specialises them).
-    if numel >= COMPILE_THRESHOLD or (fused and numel > 1):
-        if os.environ.get(COMPILE_ENV) == "0":
-            if fused:
-                _warn_once(f"fused=True, but {_name(algorithm)} has no native fused kernel and {COMPILE_ENV}=0")
-        elif run_compiled(algorithm, param, grad, state, coefficients, group):
-            return
-    algorithm.elementwise(param, grad, state, coefficients, group)
+    for param, grad, state in slices:
+        numel = param.numel()
+        # Sizes 0 and 1 would each get a graph of their own (torch specialises them).
+        if fused is not False and (numel >= COMPILE_THRESHOLD or (fused and numel > 1)):
+            if os.environ.get(COMPILE_ENV) == "0":
+                if fused:
+                    _warn_once(f"fused=True, but {_name(algorithm)} has no native fused kernel and {COMPILE_ENV}=0")
+            elif run_compiled(algorithm, param, grad, state, coefficients, group):
+                continue
+        algorithm.elementwise(param, grad, state, coefficients, group)
 
 
 # ------------------------------------------------------------------ native
@@ -84,28 +91,22 @@ def update(
 _native_works: dict[tuple[Algorithm, torch.device, torch.dtype], bool] = {}
 
 
-def run_native(
-    algorithm: Algorithm,
-    param: Tensor,
-    grad: Tensor,
-    state: dict[str, Tensor],
-    scalars: dict[str, Tensor],
-    group: Group,
-    fresh: bool,
-) -> bool:
-    """Run torch's fused kernel, ``scalars`` already advanced; False where it has none that runs here."""
-    key = (algorithm, param.device, param.dtype)
+def run_native(algorithm: Algorithm, slices: Slices, scalars: dict[str, Tensor], group: Group, fresh: bool) -> bool:
+    """Run torch's fused kernel over every slice, ``scalars`` already advanced; False where it
+    has none that runs here."""
+    first = slices.params[0]
+    key = (algorithm, first.device, first.dtype)
     works = _native_works.get(key)
     if works:
-        algorithm.native_fused(param, grad, state, scalars, group, fresh)
+        algorithm.native_fused(slices, scalars, group, fresh)
         return True
-    if works is False or algorithm.native_fused is None or not param.is_floating_point():
+    if works is False or algorithm.native_fused is None or not first.is_floating_point():
         _native_works[key] = False
         return False
     # The kernels check their device and dtype before writing anything, so a refusal
-    # leaves the slice as it was for the next path.
+    # leaves the slices as they were for the next path.
     try:
-        algorithm.native_fused(param, grad, state, scalars, group, fresh)
+        algorithm.native_fused(slices, scalars, group, fresh)
     except (NotImplementedError, RuntimeError) as error:
         _native_works[key] = False
         _warn_once(f"torch's fused {_name(algorithm)} kernel does not run on {key[1]} {key[2]}: {_first_line(error)}")

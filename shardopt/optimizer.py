@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from . import algorithms, kernels
 from . import state_dict as state_format
+from .algorithms import Slices
 from .buffer import ShardedBuffer
 from .comm import Comm
 from .layout import ParamSpec, Span, plan_buffers, runs
@@ -30,6 +32,18 @@ from .param_gather import ParamGathers
 from .reducer import GradReducer
 
 GRAD_REDUCTIONS = ("mean", "sum", None)
+
+
+@dataclass
+class _Work:
+    """Parameters (``slots``) of one buffer that share ``key`` (fresh, scalar values), and the
+    spans of this rank's shard they cover: what one kernel call may update together."""
+
+    buffer: ShardedBuffer
+    grad_shard: Tensor
+    key: tuple[bool, tuple[float, ...]]
+    slots: list[int]
+    spans: list[Span]
 
 
 def _takes(torch_class: type[torch.optim.Optimizer], keyword: str) -> bool:
@@ -219,18 +233,22 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 self._reducer.launch_remaining()
                 has_grad, late, loss = self._agree(loss)
                 self._reducer.launch_late(late)
+                works, updated = [], []
                 offset = 0
                 for index, buffer in enumerate(self._buffers):
                     present = has_grad[offset : offset + len(buffer.params)]
                     offset += len(buffer.params)
                     grad_shard = self._reducer.reduced_shard(index)
                     if present.any():
-                        self._update(buffer, grad_shard, present)
-                        # Issued now, waited later: the next buffer's update overlaps this gather.
-                        gather = self._comm.all_gather(
-                            buffer.flat, buffer.param_shard, "the all-gather of updated parameters"
-                        )
-                        self._gathers.issue(index, gather)
+                        works += self._plan(buffer, grad_shard, present)
+                        updated.append(index)
+                self._run(works)
+                for index in updated:
+                    buffer = self._buffers[index]
+                    gather = self._comm.all_gather(
+                        buffer.flat, buffer.param_shard, "the all-gather of updated parameters"
+                    )
+                    self._gathers.issue(index, gather)
                 self._gathers.issued_all()
             finally:
                 self._reducer.reset()
@@ -308,19 +326,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if buffer.scalars or algorithm.tensor_state(group):
             buffer.set_initialized(slots)
 
-    def _update(self, buffer: ShardedBuffer, grad_shard: Tensor, has_grad: Tensor) -> None:
-        """Run the algorithm over this rank's shard, one call per contiguous span whose
-        parameters share their scalar state: one call for the whole shard, unless some
-        parameters have no gradient or fell behind in an earlier step."""
-        group = self.param_groups[buffer.group_index]
+    def _plan(self, buffer: ShardedBuffer, grad_shard: Tensor, has_grad: Tensor) -> list[_Work]:
+        """What updating this rank's shard of ``buffer`` takes: one work per set of parameters
+        that share their scalar state, covering the contiguous spans of the shard they hold.
+        That is one work for the whole shard, unless some parameters have no gradient or fell
+        behind in an earlier step."""
         everyone = bool(has_grad.all())
         if everyone and buffer.uniform:
             shard = (
                 Span(buffer.pieces[0].in_shard.start, buffer.pieces[-1].in_shard.end) if buffer.pieces else Span(0, 0)
             )
             key = (not buffer.initialized[0], tuple(values[0] for values in buffer.scalars.values()))
-            self._update_slots(buffer, group, grad_shard, key, list(range(len(buffer.params))), [shard])
-            return
+            return [_Work(buffer, grad_shard, key, list(range(len(buffer.params))), [shard])]
         present = has_grad.tolist()
         keys = [
             (not buffer.initialized[s], tuple(values[s] for values in buffer.scalars.values())) if present[s] else None
@@ -328,43 +345,47 @@ class ShardedOptimizer(torch.optim.Optimizer):
         ]
         spans = runs(buffer.pieces, keys)
         distinct = dict.fromkeys(k for k in keys if k is not None)
-        for key in distinct:
-            slots = [s for s, k in enumerate(keys) if k == key]
-            # A key with no element in this shard still advances its parameters' scalars.
-            self._update_slots(buffer, group, grad_shard, key, slots, spans.get(key) or [Span(0, 0)])
         buffer.uniform = everyone and len(distinct) == 1
+        # A key with no element in this shard still advances its parameters' scalars.
+        return [
+            _Work(buffer, grad_shard, key, [s for s, k in enumerate(keys) if k == key], spans.get(key) or [Span(0, 0)])
+            for key in distinct
+        ]
 
-    def _update_slots(
-        self,
-        buffer: ShardedBuffer,
-        group: dict[str, Any],
-        grad_shard: Tensor,
-        key: tuple[bool, tuple[float, ...]],
-        slots: list[int],
-        spans: list[Span],
-    ) -> None:
-        """Update ``slots``, which share ``key`` (fresh, scalar values) and cover ``spans`` of this shard."""
-        is_fresh, values = key
-        if is_fresh:
-            self._create_state(buffer, group, slots, spans)
-            values = tuple(buffer.scalars[name][slots[0]] for name in buffer.scalars)
-        state = {name: buffer.state_tensor(name) for name in self._algorithm.tensor_state(group)}
-        for span in spans:
-            scalars = {
-                name: torch.tensor(value, dtype=self._scalar_dtype) for name, value in zip(buffer.scalars, values)
-            }
-            kernels.update(
+    def _run(self, works: list[_Work]) -> None:
+        """Run ``works``: those of one group, device and dtype that share their key go to one
+        kernel call, as torch's fused optimizers make one call per step, not one per tensor."""
+        batches: dict[tuple[Any, ...], list[_Work]] = {}
+        for work in works:
+            flat = work.buffer.flat
+            batches.setdefault((work.buffer.group_index, flat.device, flat.dtype, work.key), []).append(work)
+        for (g, _, _, (is_fresh, values)), members in batches.items():
+            group = self.param_groups[g]
+            names = self._algorithm.tensor_state(group)
+            params, grads, states = [], [], []
+            for work in members:
+                buffer = work.buffer
+                if is_fresh:
+                    self._create_state(buffer, group, work.slots, work.spans)
+                    values = tuple(buffer.scalars[name][work.slots[0]] for name in buffer.scalars)
+                state = {name: buffer.state_tensor(name) for name in names}
+                for span in work.spans:
+                    params.append(buffer.param_shard[span.slice])
+                    grads.append(work.grad_shard[span.slice])
+                    states.append({name: tensor[span.slice] for name, tensor in state.items()})
+            scalar_names = members[0].buffer.scalars
+            scalars = {name: torch.tensor(value, dtype=self._scalar_dtype) for name, value in zip(scalar_names, values)}
+            kernels.update_many(
                 self._algorithm,
-                buffer.param_shard[span.slice],
-                grad_shard[span.slice],
-                {name: tensor[span.slice] for name, tensor in state.items()},
+                Slices(params, grads, states),
                 scalars,
                 group,
                 is_fresh,
                 group.get("fused", self._fused),
             )
-        for name, scalar in scalars.items():
-            buffer.set_scalars(name, slots, scalar.item())
+            for work in members:
+                for name, scalar in scalars.items():
+                    work.buffer.set_scalars(name, work.slots, scalar.item())
 
     # ------------------------------------------------------------------ state
 

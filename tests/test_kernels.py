@@ -13,7 +13,7 @@ from torch import Tensor
 from torch._dynamo.utils import counters
 
 from shardopt import kernels
-from shardopt.algorithms import ALGORITHMS, Algorithm, Group
+from shardopt.algorithms import ALGORITHMS, Algorithm, Group, Slices
 from shardopt.algorithms.adam import Adam
 from shardopt.algorithms.rprop import Rprop
 from tests.cases import CASES, case_id
@@ -42,7 +42,7 @@ def native(
     fresh: bool,
 ) -> None:
     algorithm.coefficients(scalars, group, fresh)
-    assert kernels.run_native(algorithm, param, grad, state, scalars, group, fresh), "the native kernel did not run"
+    assert kernels.run_native(algorithm, Slices([param], [grad], [state]), scalars, group, fresh), "native did not run"
 
 
 def compiled(
@@ -296,3 +296,28 @@ def test_empty_slice_still_advances_the_scalars(cls: type[torch.optim.Optimizer]
     assert run.scalars[0]["step"] == 3
     for name, value in reference.scalars[0].items():
         assert torch.equal(run.scalars[0][name], value), name
+
+
+@pytest.mark.parametrize("fused", [False, None])
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.NAdam])
+def test_slices_sharing_scalars_update_in_one_call_as_one_call_each(
+    cls: type[torch.optim.Optimizer], fused: bool | None
+) -> None:
+    """update_many (one native kernel call over every slice, as step() batches buckets) equals
+    updating each slice on its own from the same scalars."""
+    algorithm, group = ALGORITHMS[cls], make_group(cls, {"weight_decay": 0.1})
+    generator = torch.Generator().manual_seed(3)
+    sizes = (389, 611, 0)
+    params = [torch.randn(n, generator=generator) for n in sizes]
+    grads = [torch.randn(n, generator=generator) for n in sizes]
+    states = [{name: torch.rand(n, generator=generator) for name in algorithm.tensor_state(group)} for n in sizes]
+    copies = [(p.clone(), {k: v.clone() for k, v in s.items()}) for p, s in zip(params, states)]
+    scalars = {name: torch.tensor(value) for name, value in algorithm.scalar_state(group).items()}
+    batched_scalars = {k: v.clone() for k, v in scalars.items()}
+    kernels.update_many(algorithm, Slices(params, grads, states), batched_scalars, group, True, fused)
+    for (param, state), grad in zip(copies, grads):
+        kernels.update(algorithm, param, grad, state, {k: v.clone() for k, v in scalars.items()}, group, True, fused)
+    for (param, state), batched, batched_state in zip(copies, params, states):
+        assert torch.equal(batched, param)
+        for name, tensor in state.items():
+            assert torch.equal(batched_state[name], tensor), name

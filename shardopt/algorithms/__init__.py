@@ -9,7 +9,7 @@ from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
 from .asgd import ASGD
-from .base import Algorithm, Group
+from .base import Algorithm, Group, Slices
 from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
@@ -62,4 +62,4 @@ def resolve(optimizer_class: type[torch.optim.Optimizer] | str) -> Algorithm:
     )
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "Group", "resolve"]
+__all__ = ["ALGORITHMS", "Algorithm", "Group", "Slices", "resolve"]

@@ -6,7 +6,16 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from .base import Algorithm, Coefficients, Group, apply_weight_decay, native_lr, native_step, weight_decay_coefficients
+from .base import (
+    Algorithm,
+    Coefficients,
+    Group,
+    Slices,
+    apply_weight_decay,
+    native_lr,
+    native_step,
+    weight_decay_coefficients,
+)
 
 
 class Adagrad(Algorithm):
@@ -40,21 +49,13 @@ class Adagrad(Algorithm):
         std = state_sum.sqrt().add_(c["eps"])
         param.addcdiv_(grad, std, value=c["neg_clr"])
 
-    def native_fused(
-        self,
-        param: Tensor,
-        grad: Tensor,
-        state: dict[str, Tensor],
-        scalars: dict[str, Tensor],
-        group: Group,
-        fresh: bool,
-    ) -> None:
+    def native_fused(self, slices: Slices, scalars: dict[str, Tensor], group: Group, fresh: bool) -> None:
         torch._fused_adagrad_(
-            [param],
-            [grad],
-            [state["sum"]],
-            native_step(scalars, param),
-            lr=native_lr(group, param),
+            slices.params,
+            slices.grads,
+            slices.state("sum"),
+            native_step(scalars, slices),
+            lr=native_lr(group, slices.params[0]),
             lr_decay=group["lr_decay"],
             weight_decay=group["weight_decay"],
             eps=group["eps"],

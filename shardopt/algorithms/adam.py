@@ -10,6 +10,7 @@ from .base import (
     Algorithm,
     Coefficients,
     Group,
+    Slices,
     adam_moments,
     native_lr,
     native_step,
@@ -59,25 +60,17 @@ class Adam(Algorithm):
             denom = (exp_avg_sq.sqrt() / c["bias_correction2_sqrt"]).add_(c["eps"])
         param.addcdiv_(exp_avg, denom, value=c["neg_step_size"])
 
-    def native_fused(
-        self,
-        param: Tensor,
-        grad: Tensor,
-        state: dict[str, Tensor],
-        scalars: dict[str, Tensor],
-        group: Group,
-        fresh: bool,
-    ) -> None:
+    def native_fused(self, slices: Slices, scalars: dict[str, Tensor], group: Group, fresh: bool) -> None:
         kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
         kernel(
-            [param],
-            [grad],
-            [state["exp_avg"]],
-            [state["exp_avg_sq"]],
-            [state["max_exp_avg_sq"]] if group["amsgrad"] else [],
-            native_step(scalars, param),
+            slices.params,
+            slices.grads,
+            slices.state("exp_avg"),
+            slices.state("exp_avg_sq"),
+            slices.state("max_exp_avg_sq") if group["amsgrad"] else [],
+            native_step(scalars, slices),
             amsgrad=group["amsgrad"],
-            lr=native_lr(group, param),
+            lr=native_lr(group, slices.params[0]),
             beta1=float(group["betas"][0]),
             beta2=float(group["betas"][1]),
             weight_decay=group["weight_decay"],

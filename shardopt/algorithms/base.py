@@ -10,7 +10,8 @@ torch.optim's single-tensor implementation applied to each of those parameters.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +19,23 @@ from torch import Tensor
 
 Group = dict[str, Any]
 Coefficients = dict[str, float | Tensor | bool]
+
+
+@dataclass(frozen=True)
+class Slices:
+    """Slices of shards that one kernel call updates together: parameters, their gradients and
+    their element-wise state, on one device, of one dtype, sharing their scalar state."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    states: list[dict[str, Tensor]]
+
+    def state(self, name: str) -> list[Tensor]:
+        """State ``name`` of every slice."""
+        return [state[name] for state in self.states]
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, dict[str, Tensor]]]:
+        return zip(self.params, self.grads, self.states, strict=True)
 
 
 class Algorithm(ABC):
@@ -38,8 +56,8 @@ class Algorithm(ABC):
     #: graph per combination of their values, and they are all it may read from the group.
     flags: ClassVar[tuple[str, ...]] = ("maximize",)
     #: torch's own fused kernel for this algorithm, where it has one: a method taking
-    #: (param, grad, state, scalars, group, fresh), called after :meth:`coefficients`
-    #: has advanced ``scalars``, as torch increments ``step`` before its fused kernels.
+    #: (slices, scalars, group, fresh), called after :meth:`coefficients` has advanced
+    #: ``scalars``, as torch increments ``step`` before its fused kernels.
     native_fused: ClassVar[Callable[..., None] | None] = None
 
     def scalar_state(self, group: Group) -> dict[str, float]:
@@ -115,9 +133,11 @@ def apply_weight_decay(param: Tensor, grad: Tensor, coefficients: Coefficients, 
     return grad.add(param, alpha=coefficients["decay"])
 
 
-def native_step(scalars: dict[str, Tensor], param: Tensor) -> list[Tensor]:
-    """The ``state_steps`` argument of torch's fused kernels: float32, on the parameter's device."""
-    return [scalars["step"].to(device=param.device, dtype=torch.float32)]
+def native_step(scalars: dict[str, Tensor], slices: Slices) -> list[Tensor]:
+    """The ``state_steps`` argument of torch's fused kernels: float32, on the slices' device,
+    one per slice (they share it: the kernels only read it)."""
+    step = scalars["step"].to(device=slices.params[0].device, dtype=torch.float32)
+    return [step] * len(slices.params)
 
 
 def native_lr(group: Group, param: Tensor) -> float | Tensor:

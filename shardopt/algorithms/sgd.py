@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from .base import Algorithm, Coefficients, Group, apply_weight_decay, native_lr, weight_decay_coefficients
+from .base import Algorithm, Coefficients, Group, Slices, apply_weight_decay, native_lr, weight_decay_coefficients
 
 
 class SGD(Algorithm):
@@ -46,23 +46,15 @@ class SGD(Algorithm):
 
         param.add_(grad, alpha=c["neg_lr"])
 
-    def native_fused(
-        self,
-        param: Tensor,
-        grad: Tensor,
-        state: dict[str, Tensor],
-        scalars: dict[str, Tensor],
-        group: Group,
-        fresh: bool,
-    ) -> None:
+    def native_fused(self, slices: Slices, scalars: dict[str, Tensor], group: Group, fresh: bool) -> None:
         momentum = group["momentum"]
         torch._fused_sgd_(
-            [param],
-            [grad],
-            [state["momentum_buffer"]] if momentum != 0 else [],
+            slices.params,
+            slices.grads,
+            slices.state("momentum_buffer") if momentum != 0 else [],
             weight_decay=group["weight_decay"],
             momentum=momentum,
-            lr=native_lr(group, param),
+            lr=native_lr(group, slices.params[0]),
             dampening=group["dampening"],
             nesterov=group["nesterov"],
             maximize=group["maximize"],
