@@ -106,8 +106,12 @@ def time_update(optimizer: shardopt.ShardedOptimizer) -> None:
     optimizer._run(works)
 
 
-def per_rank_update(numel: int, tensors: int, repeats: int) -> dict[str, float]:
-    """On each rank of a world: seconds of this rank's update, per algorithm."""
+def per_rank_update(numel: int, tensors: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """On each rank of a world: seconds of this rank's update, per algorithm, (all ranks updating at
+    once, ranks taking turns). At once, the ranks of one machine share its memory bandwidth, which
+    ranks on separate GPUs do not; taking turns shows the work each rank is left with."""
+    import torch.distributed as dist
+
     torch.manual_seed(0)
     result = {}
     for torch_class in ALGORITHMS:
@@ -116,7 +120,13 @@ def per_rank_update(numel: int, tensors: int, repeats: int) -> dict[str, float]:
         for p in params:
             p.grad = torch.randn_like(p)
         optimizer.step()
-        result[torch_class.__name__] = median_seconds(lambda o=optimizer: time_update(o), repeats)
+        together = median_seconds(lambda o=optimizer: time_update(o), repeats)
+        for turn in range(dist.get_world_size()):
+            dist.barrier()
+            if turn == dist.get_rank():
+                alone = median_seconds(lambda o=optimizer: time_update(o), repeats)
+        dist.barrier()
+        result[torch_class.__name__] = (together, alone)
     return result
 
 
@@ -139,8 +149,8 @@ def main() -> None:
             impl: time_torch(torch_class, make_params(numel, args.tensors), impl, args.repeats) for impl in impls
         }
         update, step, moved = time_shardopt(torch_class, make_params(numel, args.tensors), args.repeats)
-        n1 = per_rank[0][0][name]
-        n2 = max(rank[name] for rank in per_rank[1])
+        n1 = per_rank[0][0][name][0]
+        n2, n2_alone = (max(rank[name][i] for rank in per_rank[1]) for i in (0, 1))
         best = min(torch_seconds.values())
         rows.append(
             {
@@ -152,6 +162,7 @@ def main() -> None:
                 "roofline (ms)": 1e3 * moved * numel / bandwidth,
                 "% of roofline": 100 * (moved * numel / bandwidth) / update,
                 "N=2/N=1 update per rank (1 thread)": n2 / n1,
+                "N=2/N=1, ranks taking turns": n2_alone / n1,
             }
         )
     columns = list(dict.fromkeys(key for row in rows for key in row))

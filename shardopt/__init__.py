@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import checkpoint
 from .algorithms import ALGORITHMS
 from .optimizer import ShardedOptimizer
 
@@ -30,4 +31,4 @@ def _alias(torch_class: type) -> type[ShardedOptimizer]:
 _ALIASES = {cls.__name__: _alias(cls) for cls in ALGORITHMS}
 globals().update(_ALIASES)
 
-__all__ = ["ShardedOptimizer", *sorted(_ALIASES)]
+__all__ = ["ShardedOptimizer", "checkpoint", *sorted(_ALIASES)]

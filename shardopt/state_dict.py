@@ -139,6 +139,11 @@ def load_buffer_state(buffer: ShardedBuffer, entries: list[StateEntry | None], n
         if entry is not None:
             for name, tensor in state.items():
                 tensor[piece.in_shard.slice].copy_(entry[name].reshape(-1)[piece.in_param.slice])
+    install_buffer_state(buffer, state, entries)
+
+
+def install_buffer_state(buffer: ShardedBuffer, state: dict[str, Tensor], entries: list[StateEntry | None]) -> None:
+    """Make ``state`` (this rank's shards) ``buffer``'s state, with the scalar state of ``entries``."""
     buffer.state = state
     for name, values in buffer.scalars.items():
         for position, entry in enumerate(entries):

@@ -1,0 +1,19 @@
+"""Checkpoints of a sharded run, on ``torch.distributed.checkpoint`` (DCP).
+
+    shardopt.checkpoint.save(path, model=model, optimizer=opt, scheduler=sched, extra={"epoch": 3})
+    extra = shardopt.checkpoint.load(path, model=model, optimizer=opt, scheduler=sched)
+
+Every rank writes, and reads, only its own shard of the optimizer state; a checkpoint saved
+at one world size loads at any other. ``path`` is a directory in DCP's format (DCP's own
+tools read it) plus a JSON manifest; it is replaced only once a new save is complete.
+Loading never unpickles anything but DCP's metadata, through an allow-list.
+
+    python -m shardopt.checkpoint export DIR out.pt     # one torch.save file torch.optim loads
+    shardopt.checkpoint.load_torch("out.pt", model=model, optimizer=opt)   # and back
+"""
+
+from .errors import CheckpointError
+from .sharded import load, save
+from .torch_format import consolidate, export, load_torch
+
+__all__ = ["CheckpointError", "consolidate", "export", "load", "load_torch", "save"]
