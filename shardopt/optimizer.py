@@ -35,6 +35,15 @@ GRAD_REDUCTIONS = ("mean", "sum", None)
 
 
 @dataclass
+class _Reduced:
+    """A step's gradients once reduced: what the update reads and ``clip_grad_norm_`` scales."""
+
+    has_grad: Tensor  # per parameter, in the buffers' order: a gradient on some rank
+    grad_shards: list[Tensor]  # per buffer, this rank's shard of the mean gradient
+    loss: Any
+
+
+@dataclass
 class _Work:
     """Parameters (``slots``) of one buffer that share ``key`` (fresh, scalar values), and the
     spans of this rank's shard they cover: what one kernel call may update together."""
@@ -144,6 +153,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._buffers: list[ShardedBuffer] = []
         self._reducer = GradReducer(self._comm, stage, grad_reduction)
         self._gathers = ParamGathers(lazy=overlap_param_gather)
+        self._reduced: _Reduced | None = None  # set by clip_grad_norm_ until the step that follows
         # Parameters of the groups that did not require grad when added: kept in the
         # groups (state_dict numbering counts them, as torch's does) but not sharded.
         self._unsharded: list[tuple[int, int, Tensor]] = []
@@ -225,20 +235,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """One optimizer step on every rank; returns the closure's loss averaged over ranks."""
         loss = None
         if closure is not None:
+            if self._reduced is not None:
+                raise RuntimeError(
+                    "step(closure) recomputes the gradients that clip_grad_norm_() already reduced and clipped; "
+                    "call clip_grad_norm_() inside the closure, after backward, or step() without a closure"
+                )
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
             try:
-                self._gathers.wait_all()  # the update writes the shards the last step's gathers read
-                self._reducer.launch_remaining()
-                has_grad, late, loss = self._agree(loss)
-                self._reducer.launch_late(late)
+                reduced = self._reduced or self._reduce(loss)
                 works, updated = [], []
                 offset = 0
-                for index, buffer in enumerate(self._buffers):
-                    present = has_grad[offset : offset + len(buffer.params)]
+                for index, (buffer, grad_shard) in enumerate(zip(self._buffers, reduced.grad_shards)):
+                    present = reduced.has_grad[offset : offset + len(buffer.params)]
                     offset += len(buffer.params)
-                    grad_shard = self._reducer.reduced_shard(index)
                     if present.any():
                         works += self._plan(buffer, grad_shard, present)
                         updated.append(index)
@@ -251,8 +262,67 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     self._gathers.issue(index, gather)
                 self._gathers.issued_all()
             finally:
+                self._reduced = None
                 self._reducer.reset()
-        return loss
+        return reduced.loss
+
+    def _reduce(self, loss: Any) -> _Reduced:
+        """The first half of a step: this rank's shards of the mean gradient, and what the ranks agree on."""
+        self._gathers.wait_all()  # the update writes the shards the last step's gathers read
+        self._reducer.launch_remaining()
+        has_grad, late, loss = self._agree(loss)
+        self._reducer.launch_late(late)
+        shards = [self._reducer.reduced_shard(index) for index in range(len(self._buffers))]
+        return _Reduced(has_grad, shards, loss)
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` of the mean gradient, over every parameter of this optimizer.
+
+        Collective; call it between backward and ``step()``. It reduces the gradients (the first
+        half of ``step()``, which then only updates), computes the total norm from the shards with
+        one all-reduce and scales the shards by ``max_norm / (norm + 1e-6)`` where that is below 1.
+        Returns the total norm, as torch does; at stage 1 ``p.grad`` holds the clipped mean gradient.
+        """
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm >= 0:
+            raise ValueError(f"max_norm must be a number >= 0, got {max_norm!r}")
+        norm_type = float(norm_type)
+        if not (norm_type == math.inf or 0 < norm_type < math.inf):
+            raise ValueError(f"norm_type must be a positive number or math.inf, got {norm_type!r}")
+        with torch.no_grad():
+            try:
+                if self._reduced is None:
+                    self._reduced = self._reduce(None)
+            except BaseException:
+                self._reduced = None
+                self._reducer.reset()
+                raise
+            shards = [
+                (buffer.full_grad if self._stage == 1 else shard, shard)
+                for buffer, shard in zip(self._buffers, self._reduced.grad_shards)
+            ]
+            # Each rank holds a disjoint slice of every buffer: the p-th powers of its elements (or,
+            # for the inf-norm, their largest magnitude) summed over the ranks cover each element once.
+            local = torch.zeros((), dtype=torch.float64, device=self._comm.device)
+            for _, shard in shards:
+                if shard.numel():
+                    magnitude = shard.detach().abs().double()
+                    part = magnitude.max() if norm_type == math.inf else magnitude.pow(norm_type).sum()
+                    local = torch.maximum(local, part) if norm_type == math.inf else local + part
+            op = dist.ReduceOp.MAX if norm_type == math.inf else dist.ReduceOp.SUM
+            self._comm.all_reduce_(local, "the all-reduce of the gradient norm", op=op).wait()
+            dtype = self._buffers[0].flat.dtype if self._buffers else torch.float32
+            device = self._buffers[0].flat.device if self._buffers else torch.device("cpu")
+            total = (local if norm_type == math.inf else local.pow(1 / norm_type)).to(dtype=dtype, device=device)
+            if error_if_nonfinite and not torch.isfinite(total):
+                raise RuntimeError(
+                    f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
+                    "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
+                    "anyway, set `error_if_nonfinite=False`"
+                )
+            coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            for scaled, _ in shards:
+                scaled.mul_(coefficient.to(scaled.dtype))
+        return total
 
     def finish_param_gather(self) -> None:
         """Wait for the parameter all-gathers the last step left in flight (``overlap_param_gather=True``).
@@ -265,6 +335,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's; also drops gradient already handed to an unfinished reduction."""
+        self._reduced = None
         self._reducer.reset()
         super().zero_grad(set_to_none)
 
