@@ -10,9 +10,10 @@ One step, on every rank::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -323,6 +324,25 @@ class ShardedOptimizer(torch.optim.Optimizer):
             for scaled, _ in shards:
                 scaled.mul_(coefficient.to(scaled.dtype))
         return total
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally, with no communication, as DDP's ``no_sync()`` does.
+
+        Backward passes inside the block leave their gradients in ``p.grad`` (summed by autograd,
+        on every rank alone); the first backward after it, or ``step()``, reduces the total, so
+        several micro-batches give the gradient of one large batch.
+        """
+        if self._reducer.accumulating:
+            raise RuntimeError(
+                "no_sync() is already active: blocks of it do not nest; accumulate every micro-batch but the "
+                "last inside one block"
+            )
+        self._reducer.accumulating = True
+        try:
+            yield
+        finally:
+            self._reducer.accumulating = False
 
     def finish_param_gather(self) -> None:
         """Wait for the parameter all-gathers the last step left in flight (``overlap_param_gather=True``).

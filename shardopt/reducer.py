@@ -137,6 +137,8 @@ class GradReducer:
         self._pool = StagingPool()
         self._in_flight: deque[_Round] = deque()
         self._views: dict[tuple[int, int], list[Tensor]] = {}
+        # Inside ``no_sync()``: backward's hooks leave gradients where they are.
+        self.accumulating = False
 
     def add(self, buffer: ShardedBuffer) -> None:
         self._buffers.append(buffer)
@@ -159,6 +161,8 @@ class GradReducer:
 
     def arrived(self, index: int, slot: int) -> None:
         """Parameter ``slot`` of buffer ``index`` has its gradient (called from backward, stage 2)."""
+        if self.accumulating:
+            return  # the gradient stays in p.grad, where autograd adds the next micro-batch's to it
         window = self._windows[index]
         if window.launched:
             window.late = True
