@@ -44,20 +44,6 @@ COEFFICIENT_DTYPE = torch.float64
 
 
 def update(
-    algorithm: Algorithm,
-    param: Tensor,
-    grad: Tensor,
-    state: dict[str, Tensor],
-    scalars: dict[str, Tensor],
-    group: Group,
-    fresh: bool,
-    fused: bool | None,
-) -> None:
-    """``algorithm.update`` of one slice, run by the path ``fused`` asks for (see :func:`update_many`)."""
-    update_many(algorithm, Slices([param], [grad], [state]), scalars, group, fresh, fused)
-
-
-def update_many(
     algorithm: Algorithm, slices: Slices, scalars: dict[str, Tensor], group: Group, fresh: bool, fused: bool | None
 ) -> None:
     """``algorithm.update`` of slices that share ``scalars`` (advanced once, for all of them),

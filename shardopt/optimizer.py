@@ -466,7 +466,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     states.append({name: tensor[span.slice] for name, tensor in state.items()})
             scalar_names = members[0].buffer.scalars
             scalars = {name: torch.tensor(value, dtype=self._scalar_dtype) for name, value in zip(scalar_names, values)}
-            kernels.update_many(
+            kernels.update(
                 self._algorithm,
                 Slices(params, grads, states),
                 scalars,

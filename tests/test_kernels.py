@@ -58,6 +58,15 @@ def compiled(
     assert kernels.run_compiled(algorithm, param, grad, state, coefficients, group), "compiling failed"
 
 
+def one_slice(fused: bool | None) -> Update:
+    """``kernels.update`` of a single slice, in the signature :class:`Run` calls."""
+
+    def update(algorithm: Algorithm, param: Tensor, grad: Tensor, state: dict[str, Tensor], *rest: Any) -> None:
+        kernels.update(algorithm, Slices([param], [grad], [state]), *rest, fused)
+
+    return update
+
+
 def make_group(cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> Group:
     return cls([torch.zeros(1, requires_grad=True)], **kwargs).param_groups[0]
 
@@ -210,7 +219,7 @@ def test_update_chooses(
     paths: list[str], cls: type[torch.optim.Optimizer], numel: int, fused: bool | None, path: str
 ) -> None:
     algorithm, group = ALGORITHMS[cls], make_group(cls, {})
-    chosen = Run(algorithm, group, lambda *args: kernels.update(*args, fused=fused), (0, numel))
+    chosen = Run(algorithm, group, one_slice(fused), (0, numel))
     reference = Run(algorithm, group, eager, (0, numel))
     for _ in range(2):
         chosen.step()
@@ -240,7 +249,7 @@ def test_fused_without_compiling_runs_eagerly_with_one_warning(monkeypatch: pyte
     monkeypatch.setenv(kernels.COMPILE_ENV, "0")
     kernels._warn_once.cache_clear()
     algorithm, group = ALGORITHMS[torch.optim.Rprop], make_group(torch.optim.Rprop, {})
-    fused = Run(algorithm, group, lambda *args: kernels.update(*args, fused=True))
+    fused = Run(algorithm, group, one_slice(True))
     reference = Run(algorithm, group, eager)
     messages = _warnings_of(_steps(fused, 3))
     _steps(reference, 3)()
@@ -248,7 +257,7 @@ def test_fused_without_compiling_runs_eagerly_with_one_warning(monkeypatch: pyte
     assert torch.equal(fused.param, reference.param)
 
     # Not asked for (fused=None), compiling is silently off.
-    auto = Run(algorithm, group, lambda *args: kernels.update(*args, fused=None), (0, kernels.COMPILE_THRESHOLD))
+    auto = Run(algorithm, group, one_slice(None), (0, kernels.COMPILE_THRESHOLD))
     assert _warnings_of(_steps(auto, 1)) == []
 
 
@@ -276,7 +285,7 @@ class NoNativeHere(Adam):
 def test_failing_path_falls_back_to_eager_with_one_warning(algorithm: Algorithm, fused: bool, reason: str) -> None:
     kernels._warn_once.cache_clear()
     group = make_group(algorithm.torch_class, {})
-    ours = Run(algorithm, group, lambda *args: kernels.update(*args, fused=fused))
+    ours = Run(algorithm, group, one_slice(fused))
     reference = Run(algorithm, group, eager)
     messages = _warnings_of(_steps(ours, 3))
     _steps(reference, 3)()
@@ -288,7 +297,7 @@ def test_failing_path_falls_back_to_eager_with_one_warning(algorithm: Algorithm,
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.NAdam])
 def test_empty_slice_still_advances_the_scalars(cls: type[torch.optim.Optimizer], fused: bool | None) -> None:
     algorithm, group = ALGORITHMS[cls], make_group(cls, {})
-    run = Run(algorithm, group, lambda *args: kernels.update(*args, fused=fused), (0, 0))
+    run = Run(algorithm, group, one_slice(fused), (0, 0))
     reference = Run(algorithm, group, eager, (0, 0))
     for _ in range(3):
         run.step()
@@ -303,7 +312,7 @@ def test_empty_slice_still_advances_the_scalars(cls: type[torch.optim.Optimizer]
 def test_slices_sharing_scalars_update_in_one_call_as_one_call_each(
     cls: type[torch.optim.Optimizer], fused: bool | None
 ) -> None:
-    """update_many (one native kernel call over every slice, as step() batches buckets) equals
+    """kernels.update over several slices (one native kernel call, as step() batches buckets) equals
     updating each slice on its own from the same scalars."""
     algorithm, group = ALGORITHMS[cls], make_group(cls, {"weight_decay": 0.1})
     generator = torch.Generator().manual_seed(3)
@@ -314,9 +323,9 @@ def test_slices_sharing_scalars_update_in_one_call_as_one_call_each(
     copies = [(p.clone(), {k: v.clone() for k, v in s.items()}) for p, s in zip(params, states)]
     scalars = {name: torch.tensor(value) for name, value in algorithm.scalar_state(group).items()}
     batched_scalars = {k: v.clone() for k, v in scalars.items()}
-    kernels.update_many(algorithm, Slices(params, grads, states), batched_scalars, group, True, fused)
+    kernels.update(algorithm, Slices(params, grads, states), batched_scalars, group, True, fused)
     for (param, state), grad in zip(copies, grads):
-        kernels.update(algorithm, param, grad, state, {k: v.clone() for k, v in scalars.items()}, group, True, fused)
+        one_slice(fused)(algorithm, param, grad, state, {k: v.clone() for k, v in scalars.items()}, group, True)
     for (param, state), batched, batched_state in zip(copies, params, states):
         assert torch.equal(batched, param)
         for name, tensor in state.items():
