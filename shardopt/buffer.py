@@ -12,6 +12,11 @@ from .layout import BufferLayout
 NO_GRAD, DENSE, SPARSE = 0, 1, 2
 
 
+def grad_code(grad: Tensor | None) -> int:
+    """What a ``.grad`` holds: NO_GRAD, DENSE or SPARSE."""
+    return NO_GRAD if grad is None else SPARSE if grad.is_sparse else DENSE
+
+
 class ShardedBuffer:
     """The parameters of one buffer layout and everything this rank keeps for them.
 
@@ -82,15 +87,13 @@ class ShardedBuffer:
 
     def grad_codes(self) -> list[int]:
         """What each parameter's ``.grad`` holds now: NO_GRAD, DENSE or SPARSE."""
-        return [NO_GRAD if p.grad is None else SPARSE if p.grad.is_sparse else DENSE for p in self.params]
+        return [grad_code(p.grad) for p in self.params]
 
-    def flatten_grads(self, out: Tensor, release: bool) -> list[int]:
+    def flatten_grads(self, out: Tensor) -> list[int]:
         """Write every parameter's ``.grad`` into its span of ``out``; returns :meth:`grad_codes`.
 
         Missing and sparse gradients leave zeros (a sparse one is an error the caller raises on
         every rank). Alignment gaps of ``out`` are left as they are: callers hand a zeroed buffer.
-        With ``release`` each gradient is dropped as soon as it is copied, so at most one of them
-        exists twice at a time.
         """
         codes = self.grad_codes()
         for slot, param, code in zip(self.layout.slots, self.params, codes):
@@ -99,8 +102,6 @@ class ShardedBuffer:
                 span.zero_()
             elif param.grad.data_ptr() != span.data_ptr() or param.grad.shape != slot.shape:
                 span.copy_(param.grad.reshape(-1))
-            if release:
-                param.grad = None
         return codes
 
     def bind_grads(self, full: Tensor, has_grad: list[bool]) -> None:

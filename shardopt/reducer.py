@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .buffer import DENSE, NO_GRAD, SPARSE, ShardedBuffer
+from .buffer import DENSE, NO_GRAD, SPARSE, ShardedBuffer, grad_code
 from .comm import Comm, Pending
 
 # Staging buffers (each as long as the longest bucket) per dtype and device: two reductions in
@@ -211,7 +211,7 @@ class GradReducer:
             self._staging(index)
         param = self._buffers[index].params[slot]
         grad, span, first = param.grad, window.views[slot], not window.arrived[slot]
-        code = NO_GRAD if grad is None else SPARSE if grad.is_sparse else DENSE
+        code = grad_code(grad)
         if code == DENSE:
             if first:
                 span.copy_(grad)
@@ -250,7 +250,7 @@ class GradReducer:
             if buffer.full_grad is None:
                 buffer.full_grad = torch.zeros_like(buffer.flat)
             full = buffer.full_grad
-            window.codes = buffer.flatten_grads(full, release=False)
+            window.codes = buffer.flatten_grads(full)
             pending = self._comm.all_reduce_(full, "the gradient all-reduce") if self._reduce else None
             window.rounds.append(_Round(buffer, pending, None, full, accumulate=False))
             window.launched = True
@@ -300,10 +300,7 @@ class GradReducer:
             # map(attrgetter) runs at C speed: this is the one look at every parameter a step takes.
             if window.launched and (window.late or _grads(buffer).count(None) < window.size):
                 window.late = True
-                for slot, param in enumerate(buffer.params):
-                    if param.grad is not None:
-                        code = SPARSE if param.grad.is_sparse else DENSE
-                        window.codes[slot] = max(window.codes[slot], code)
+                window.codes = [max(old, new) for old, new in zip(window.codes, buffer.grad_codes())]
         self._launch_in_order(until_incomplete=False)
 
     def local_flags(self) -> tuple[Tensor, Tensor, Tensor]:
