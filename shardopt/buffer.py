@@ -59,6 +59,8 @@ class ShardedBuffer:
         # Stage 1 keeps the full reduced gradient (p.grad are views of it); stage 2 keeps its shard only.
         self.full_grad: Tensor | None = None
         self.grad_shard: Tensor | None = None
+        # fp32 master weights of this rank's shard, where the parameters are of lower precision.
+        self.master: Tensor | None = None
 
     def set_scalars(self, name: str, slots: list[int], value: float) -> None:
         values = self.scalars[name]
@@ -78,6 +80,11 @@ class ShardedBuffer:
     @property
     def param_shard(self) -> Tensor:
         return self.flat[self.shard.slice]
+
+    @property
+    def master_shard(self) -> Tensor:
+        """The weights the update reads and writes: the fp32 master shard, else the parameters' own shard."""
+        return self.param_shard if self.master is None else self.master
 
     def state_tensor(self, name: str) -> Tensor:
         """This rank's shard of element-wise state ``name``, created as zeros on first use."""
