@@ -8,6 +8,9 @@ from torch import Tensor
 
 from .layout import BufferLayout
 
+# Parameter dtypes that get fp32 master weights (``master_weights``).
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
 # What a parameter's .grad held when its buffer was flattened.
 NO_GRAD, DENSE, SPARSE = 0, 1, 2
 
@@ -34,6 +37,8 @@ class ShardedBuffer:
         group_index: int,
         rank: int,
         scalar_names: tuple[str, ...],
+        master_weights: bool = False,
+        grad_dtype: torch.dtype | None = None,
     ) -> None:
         self.layout = layout
         self.params = params
@@ -59,8 +64,13 @@ class ShardedBuffer:
         # Stage 1 keeps the full reduced gradient (p.grad are views of it); stage 2 keeps its shard only.
         self.full_grad: Tensor | None = None
         self.grad_shard: Tensor | None = None
-        # fp32 master weights of this rank's shard, where the parameters are of lower precision.
+        # The dtype gradients are reduced in (and the gradient shard kept in).
+        self.grad_dtype = grad_dtype or first.dtype
+        # fp32 master weights of this rank's shard, where the parameters are of lower precision:
+        # the update runs on them, and the parameters are their rounding.
         self.master: Tensor | None = None
+        if master_weights and first.dtype in LOW_PRECISION:
+            self.master = self.param_shard.float()
 
     def set_scalars(self, name: str, slots: list[int], value: float) -> None:
         values = self.scalars[name]
@@ -89,7 +99,7 @@ class ShardedBuffer:
     def state_tensor(self, name: str) -> Tensor:
         """This rank's shard of element-wise state ``name``, created as zeros on first use."""
         if name not in self.state:
-            self.state[name] = torch.zeros(self.layout.shard_numel, dtype=self.flat.dtype, device=self.flat.device)
+            self.state[name] = torch.zeros_like(self.master_shard)
         return self.state[name]
 
     def grad_codes(self) -> list[int]:
@@ -112,14 +122,36 @@ class ShardedBuffer:
         return codes
 
     def bind_grads(self, full: Tensor, has_grad: list[bool]) -> None:
-        """Make the gradients of the parameters that have one views of the reduced ``full`` buffer."""
+        """Give the parameters that have a gradient the reduced one in ``full``: views of it, or
+        copies where it was reduced in another dtype (autograd needs a gradient of the parameter's)."""
         for slot, param, present in zip(self.layout.slots, self.params, has_grad):
             if present:
-                param.grad = full[slot.span.slice].view(slot.shape)
+                param.grad = full[slot.span.slice].view(slot.shape).to(param.dtype)
+
+    def refresh_grads(self) -> None:
+        """After ``full_grad`` changed in place (clipped, unscaled): the copies :meth:`bind_grads`
+        made follow it (views already do)."""
+        if self.full_grad is not None and self.grad_dtype != self.flat.dtype:
+            for slot, param in zip(self.layout.slots, self.params):
+                if param.grad is not None:
+                    param.grad.copy_(self.full_grad[slot.span.slice].view(slot.shape))
+
+    def publish_master(self) -> None:
+        """Round the updated master shard into the parameters' shard, which the all-gather reads."""
+        if self.master is not None:
+            self.param_shard.copy_(self.master)
+
+    def reset_master(self) -> None:
+        """Take the master shard from the parameters again (they were loaded or set from outside)."""
+        if self.master is not None:
+            self.master.copy_(self.param_shard)
 
     def grad_bytes(self, stage: int) -> int:
         numel = self.layout.numel if stage == 1 else self.layout.shard_numel
-        return numel * self.flat.element_size()
+        return numel * self.grad_dtype.itemsize
+
+    def master_bytes(self) -> int:
+        return 0 if self.master is None else self.master.numel() * self.master.element_size()
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state.values())

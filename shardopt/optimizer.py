@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,6 +34,7 @@ from .param_gather import ParamGathers
 from .reducer import GradReducer
 
 GRAD_REDUCTIONS = ("mean", "sum", None)
+REDUCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @dataclass
@@ -90,6 +92,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         bucket_cap_mb: the largest flat buffer, in MiB; each buffer is one reduction.
         overlap_param_gather: leave the all-gathers of updated parameters in flight after ``step()``;
             each module's forward pre-hook waits for its own parameters (see :meth:`finish_param_gather`).
+        master_weights: keep fp32 master weights (and fp32 optimizer state) of this rank's shard
+            for bfloat16/float16 parameters; the update runs on them and each step rounds them
+            into the parameters. None (default) means True; False updates in the parameters'
+            dtype, as torch.optim does.
+        reduce_dtype: the dtype gradients are reduced and sharded in: None (the parameters'
+            dtype) or ``torch.float32`` (exact sums of low-precision gradients, twice the bytes).
+        skip_nonfinite: skip the step, on every rank, when the mean gradient holds an inf or NaN
+            (counted in :attr:`skipped_steps`); for fp16, use :class:`shardopt.GradScaler` instead.
         fused: how each shard update runs: torch's native fused kernel (Adam, AdamW, SGD,
             Adagrad), else ``torch.compile`` of the algorithm's element-wise math; True insists,
             False runs eagerly, None (default) chooses, compiling only shards of 1M elements or more.
@@ -110,6 +120,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         timeout: float | timedelta = 300,
         bucket_cap_mb: float = 25,
         overlap_param_gather: bool = False,
+        master_weights: bool | None = None,
+        reduce_dtype: torch.dtype | None = None,
+        skip_nonfinite: bool = False,
         **kwargs: Any,
     ) -> None:
         self._algorithm = algorithms.resolve(optimizer_class)
@@ -127,6 +140,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"bucket_cap_mb must be a finite positive number of MiB, got {bucket_cap_mb!r}")
         if not isinstance(overlap_param_gather, bool):
             raise TypeError(f"overlap_param_gather must be True or False, got {overlap_param_gather!r}")
+        if master_weights not in (None, True, False):
+            raise TypeError(f"master_weights must be None (default: True), True or False, got {master_weights!r}")
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
+        if reduce_dtype is not None and reduce_dtype not in REDUCE_DTYPES:
+            raise TypeError(
+                f"reduce_dtype must be None (the parameters' dtype) or one of "
+                f"{', '.join(map(str, REDUCE_DTYPES))}, got {reduce_dtype!r}"
+            )
         if isinstance(params, Tensor):
             raise TypeError(
                 "params argument given to the optimizer should be an iterable of Tensors or dicts, "
@@ -150,6 +172,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._stage = stage
         self._grad_reduction = grad_reduction
         self._bucket_cap_bytes = int(bucket_cap_mb * 2**20)
+        self._master_weights = master_weights is not False
+        self._reduce_dtype = reduce_dtype
+        self._skip_nonfinite = skip_nonfinite
+        #: Steps skipped because the gradient was not finite (``skip_nonfinite``, or a GradScaler).
+        self.skipped_steps = 0
+        self._scaler_checked = False  # shardopt.GradScaler looked at this step's gradients
+        self._warned_fp16 = False
         self._scalar_dtype = _get_scalar_dtype()
         self._buffers: list[ShardedBuffer] = []
         self._reducer = GradReducer(self._comm, stage, grad_reduction)
@@ -221,9 +250,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         scalar_names = tuple(self._algorithm.scalar_state(group))
         for layout in plan_buffers(trainable, self._comm.world_size, bucket_cap_bytes=self._bucket_cap_bytes):
             params = [group["params"][slot.index] for slot in layout.slots]
-            buffer = ShardedBuffer(layout, params, g, self._comm.rank, scalar_names)
+            buffer = ShardedBuffer(
+                layout, params, g, self._comm.rank, scalar_names, self._master_weights, self._reduce_dtype
+            )
             # Every rank must start from the same parameters, as DDP ensures at construction.
             self._comm.broadcast_(buffer.flat, "the broadcast of the initial parameters").wait()
+            buffer.reset_master()
             if self._algorithm.eager_state:
                 self._create_state(buffer, group, list(range(len(params))), [Span(0, layout.shard_numel)])
             self._gathers.add_bucket(len(self._buffers), params)
@@ -246,6 +278,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             try:
                 reduced = self._reduced or self._reduce(loss)
+                if self._skips(reduced):
+                    self.skipped_steps += 1
+                    return reduced.loss
                 works, updated = [], []
                 offset = 0
                 for index, (buffer, grad_shard) in enumerate(zip(self._buffers, reduced.grad_shards)):
@@ -257,6 +292,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 self._run(works)
                 for index in updated:
                     buffer = self._buffers[index]
+                    buffer.publish_master()
                     gather = self._comm.all_gather(
                         buffer.flat, buffer.param_shard, "the all-gather of updated parameters"
                     )
@@ -264,8 +300,87 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 self._gathers.issued_all()
             finally:
                 self._reduced = None
+                self._scaler_checked = False
                 self._reducer.reset()
         return reduced.loss
+
+    #: torch.amp.GradScaler hands ``grad_scale`` and ``found_inf`` to step() rather than skipping
+    #: it itself, so that every rank decides alike (see :class:`shardopt.GradScaler`).
+    _step_supports_amp_scaling = True
+
+    def _skips(self, reduced: _Reduced) -> bool:
+        """Whether this step is skipped, the same on every rank; unscales the gradients a GradScaler scaled."""
+        if hasattr(self, "found_inf"):  # set by torch.amp.GradScaler.step for this call
+            if not self._scaler_checked:
+                # torch's scaler removes these after a step that returns; this one raises.
+                del self.found_inf
+                self.__dict__.pop("grad_scale", None)
+                raise TypeError(
+                    "torch.amp.GradScaler cannot see a ShardedOptimizer's gradients (they live in shards, and "
+                    "each rank would decide alone whether to skip the step); use shardopt.GradScaler, a drop-in "
+                    "subclass of it"
+                )
+            if float(self.found_inf):
+                return True
+            grad_scale = getattr(self, "grad_scale", None)
+            if grad_scale is not None:
+                self._scale_grads(reduced, grad_scale.double().reciprocal().float())
+            return False
+        if self._skip_nonfinite:
+            return bool(self._nonfinite(reduced))
+        if not self._warned_fp16 and any(b.flat.dtype == torch.float16 for b in self._buffers):
+            self._warned_fp16 = True
+            warnings.warn(
+                "shardopt: float16 parameters trained without a gradient scaler: small gradients underflow to "
+                "zero and large ones overflow to inf; use shardopt.GradScaler (or bfloat16)",
+                stacklevel=3,
+            )
+        return False
+
+    def _grad_tensors(self, reduced: _Reduced) -> list[Tensor]:
+        """What holds this rank's reduced gradients: stage 1 the full gradient (p.grad are views of
+        it, or copies kept in step), stage 2 the shard."""
+        return [b.full_grad if self._stage == 1 else s for b, s in zip(self._buffers, reduced.grad_shards)]
+
+    def _scale_grads(self, reduced: _Reduced, factor: Tensor) -> None:
+        for tensor in self._grad_tensors(reduced):
+            tensor.mul_(factor.to(tensor.device, tensor.dtype))
+        for buffer in self._buffers:
+            buffer.refresh_grads()
+
+    def _nonfinite(self, reduced: _Reduced, inv_scale: Tensor | None = None) -> Tensor:
+        """Collective: 1.0 if any rank's reduced gradient holds an inf or NaN, else 0.0 (float32, on
+        the process group's device); with ``inv_scale``, the gradients are multiplied by it too."""
+        found = torch.zeros((), dtype=torch.float32, device=self._comm.device)
+        by_dtype: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for tensor in self._grad_tensors(reduced):
+            by_dtype.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+        for (device, _), tensors in by_dtype.items():
+            local = torch.zeros((), dtype=torch.float32, device=device)
+            scale = torch.ones((), device=device) if inv_scale is None else inv_scale.to(device)
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, local, scale)
+            found = torch.maximum(found, local.to(found.device))
+        if inv_scale is not None:
+            for buffer in self._buffers:
+                buffer.refresh_grads()
+        self._comm.all_reduce_(found, "the agreement on non-finite gradients", op=dist.ReduceOp.MAX).wait()
+        return found
+
+    def _unscale_for_scaler(self, inv_scale: Tensor, found_inf: Tensor) -> dict[torch.device, Tensor]:
+        """Collective: what ``GradScaler._unscale_grads_`` does for a torch.optim optimizer, on the
+        reduced gradients: multiply them by ``inv_scale`` and report inf/NaN, agreed by every rank."""
+        with torch.no_grad():
+            try:
+                if self._reduced is None:
+                    self._reduced = self._reduce(None)
+                found = self._nonfinite(self._reduced, inv_scale)
+            except BaseException:
+                self._reduced = None
+                self._reducer.reset()
+                raise
+        self._scaler_checked = True
+        agreed = found.to(found_inf.device)
+        return {agreed.device: agreed}
 
     def _reduce(self, loss: Any) -> _Reduced:
         """The first half of a step: this rank's shards of the mean gradient, and what the ranks agree on."""
@@ -311,7 +426,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     local = torch.maximum(local, part) if norm_type == math.inf else local + part
             op = dist.ReduceOp.MAX if norm_type == math.inf else dist.ReduceOp.SUM
             self._comm.all_reduce_(local, "the all-reduce of the gradient norm", op=op).wait()
-            dtype = self._buffers[0].flat.dtype if self._buffers else torch.float32
+            dtype = self._buffers[0].master_shard.dtype if self._buffers else torch.float32
             device = self._buffers[0].flat.device if self._buffers else torch.device("cpu")
             total = (local if norm_type == math.inf else local.pow(1 / norm_type)).to(dtype=dtype, device=device)
             if error_if_nonfinite and not torch.isfinite(total):
@@ -323,6 +438,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
             for scaled, _ in shards:
                 scaled.mul_(coefficient.to(scaled.dtype))
+            for buffer in self._buffers:
+                buffer.refresh_grads()
         return total
 
     @contextlib.contextmanager
@@ -352,6 +469,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         a module that does not own it).
         """
         self._gathers.wait_all()
+
+    def refresh_master_weights(self) -> None:
+        """Take the fp32 master weights from the parameters again, after changing parameters outside
+        ``step()`` (``model.load_state_dict``, an in-place edit); otherwise the next step would
+        overwrite the change with the master weights. Local: no communication."""
+        self._gathers.wait_all()
+        for buffer in self._buffers:
+            buffer.reset_master()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's; also drops gradient already handed to an unfinished reduction."""
@@ -448,8 +573,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         kernel call, as torch's fused optimizers make one call per step, not one per tensor."""
         batches: dict[tuple[Any, ...], list[_Work]] = {}
         for work in works:
-            flat = work.buffer.flat
-            batches.setdefault((work.buffer.group_index, flat.device, flat.dtype, work.key), []).append(work)
+            weights = work.buffer.master_shard
+            batches.setdefault((work.buffer.group_index, weights.device, weights.dtype, work.key), []).append(work)
         for (g, _, _, (is_fresh, values)), members in batches.items():
             group = self.param_groups[g]
             names = self._algorithm.tensor_state(group)
@@ -460,9 +585,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     self._create_state(buffer, group, work.slots, work.spans)
                     values = tuple(buffer.scalars[name][work.slots[0]] for name in buffer.scalars)
                 state = {name: buffer.state_tensor(name) for name in names}
+                weights = buffer.master_shard
+                # Gradients reduced in another dtype than the weights' are cast (one slice at a time).
+                grad_shard = work.grad_shard
                 for span in work.spans:
-                    params.append(buffer.param_shard[span.slice])
-                    grads.append(work.grad_shard[span.slice])
+                    params.append(weights[span.slice])
+                    grads.append(grad_shard[span.slice].to(weights.dtype))
                     states.append({name: tensor[span.slice] for name, tensor in state.items()})
             scalar_names = members[0].buffer.scalars
             scalars = {name: torch.tensor(value, dtype=self._scalar_dtype) for name, value in zip(scalar_names, values)}
@@ -481,49 +609,65 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Collective: the full state, in ``torch.optim.<Algo>.state_dict()``'s format, on every rank."""
+        """Collective: the full state, in ``torch.optim.<Algo>.state_dict()``'s format, on every rank.
+
+        With master weights it also holds them, full, under ``"master_params"`` (keyed by parameter
+        number like ``"state"``): torch.optim ignores that key, ``load_state_dict`` restores them.
+        """
         self._gathers.wait_all()
         states: dict[Tensor, state_format.StateEntry] = {}
+        masters: dict[Tensor, Tensor] = {}
         for buffer in self._buffers:
             entries = state_format.gather_buffer_state(buffer, self._comm, self._scalar_dtype)
             for slot, entry in entries.items():
                 states[buffer.params[slot]] = entry
+            if buffer.master is not None:
+                for slot, master in state_format.gather_master(buffer, self._comm).items():
+                    masters[buffer.params[slot]] = master
         if self._algorithm.eager_state:
             for g, _, param in self._unsharded:
                 states[param] = state_format.initial_entry(
                     self._algorithm, self.param_groups[g], param, self._scalar_dtype
                 )
-        return state_format.pack(self.param_groups, states)
+        return state_format.pack(self.param_groups, states, masters)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a dict in torch.optim's format, from any world size or from plain torch.optim.
 
         Everything is checked before anything changes: a dict for another model raises
-        ValueError naming the first mismatch and leaves this optimizer as it was.
+        ValueError naming the first mismatch and leaves this optimizer as it was. Master weights
+        come from the dict's ``"master_params"``, else from the parameters as they are now (load
+        the model first, or call :meth:`refresh_master_weights` after loading it).
         """
         self._gathers.wait_all()
-        new_groups, states = state_format.unpack(state_dict, self.param_groups, self.defaults)
+        new_groups, states, masters = state_format.unpack(state_dict, self.param_groups, self.defaults)
         for g, group in enumerate(new_groups):
             self._check_group(group, g)
             for i, param in enumerate(group["params"]):
+                where = self._describe(group, g, i)
                 if param in states:
-                    state_format.check_entry(states[param], param, self._algorithm, group, self._describe(group, g, i))
+                    state_format.check_entry(states[param], param, self._algorithm, group, where)
+                if param in masters:
+                    state_format.check_master(masters[param], param, where)
         self.param_groups[:] = new_groups
         for buffer in self._buffers:
             group = new_groups[buffer.group_index]
             entries = [states.get(param) for param in buffer.params]
             state_format.load_buffer_state(buffer, entries, self._algorithm.tensor_state(group))
+            state_format.load_master(buffer, [masters.get(param) for param in buffer.params])
 
     # ------------------------------------------------------------------ introspection
 
     def memory_stats(self) -> dict[str, int]:
         """This rank's bytes: the full parameters it holds, its gradients (stage 1: full; stage 2:
         its shard), the stage-2 staging buffers gradients pass through on their way to a
-        reduction (a few buckets, reused every step) and its shard of the optimizer state."""
+        reduction (a few buckets, reused every step), its shard of fp32 master weights (low-precision
+        parameters) and its shard of the optimizer state."""
         return {
             "param_bytes": sum(b.flat.numel() * b.flat.element_size() for b in self._buffers),
             "grad_bytes": sum(b.grad_bytes(self._stage) for b in self._buffers),
             "staging_bytes": self._reducer.staging_bytes,
+            "master_bytes": sum(b.master_bytes() for b in self._buffers),
             "state_bytes": sum(b.state_bytes() for b in self._buffers),
         }
 

@@ -42,6 +42,12 @@ from .comm import Comm, Pending
 MAX_STAGING = 4
 _GRAD = operator.attrgetter("grad")
 
+PoolKey = tuple[torch.dtype, torch.device]
+
+
+def _pool_key(buffer: ShardedBuffer) -> PoolKey:
+    return (buffer.grad_dtype, buffer.flat.device)
+
 
 class StagingPool:
     """Flat scratch buffers for gradients on their way into a reduction, reused step after step.
@@ -55,29 +61,27 @@ class StagingPool:
         self._free: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
         self._created: list[Tensor] = []
 
-    def reserve(self, like: Tensor) -> None:
-        """Buffers for ``like``'s dtype and device must be able to hold all of ``like``."""
-        key = (like.dtype, like.device)
-        self._numel[key] = max(self._numel.get(key, 0), like.numel())
+    def reserve(self, numel: int, key: PoolKey) -> None:
+        """Buffers of ``key`` (dtype, device) must be able to hold ``numel`` elements."""
+        self._numel[key] = max(self._numel.get(key, 0), numel)
 
-    def has_free(self, like: Tensor) -> bool:
-        return bool(self._free.get((like.dtype, like.device)))
+    def has_free(self, key: PoolKey) -> bool:
+        return bool(self._free.get(key))
 
-    def count(self, like: Tensor) -> int:
-        return sum(base.dtype == like.dtype and base.device == like.device for base in self._created)
+    def count(self, key: PoolKey) -> int:
+        return sum((base.dtype, base.device) == key for base in self._created)
 
-    def take(self, like: Tensor) -> Tensor:
-        """A buffer of ``like``'s size, dtype and device, with arbitrary contents."""
-        key = (like.dtype, like.device)
+    def take(self, numel: int, key: PoolKey) -> Tensor:
+        """``numel`` elements of a buffer of ``key`` (dtype, device), with arbitrary contents."""
         free = self._free.setdefault(key, [])
         while free:
             base = free.pop()
-            if base.numel() >= like.numel():
-                return base[: like.numel()]
+            if base.numel() >= numel:
+                return base[:numel]
             self._created.remove(base)  # outgrown by a buffer added since
-        base = torch.empty(self._numel[key], dtype=like.dtype, device=like.device)
+        base = torch.empty(self._numel[key], dtype=key[0], device=key[1])
         self._created.append(base)
-        return base[: like.numel()]
+        return base[:numel]
 
     def give(self, staging: Tensor) -> None:
         base = staging if staging._base is None else staging._base
@@ -144,7 +148,10 @@ class GradReducer:
         self._buffers.append(buffer)
         self._windows.append(_Window(len(buffer.params)))
         if self._stage == 2:
-            self._pool.reserve(buffer.flat)
+            self._pool.reserve(buffer.layout.numel, _pool_key(buffer))
+        # Gradients already reduced (under DDP) are final only once backward has ended, when DDP
+        # has written its result into them: step() takes them then, with no hook during backward.
+        if self._stage == 2 and self._reduce:
             index = len(self._buffers) - 1
             handles = [
                 param.register_post_accumulate_grad_hook(_arrival_hook(weakref.ref(self), index, slot))
@@ -181,7 +188,7 @@ class GradReducer:
             if self._comm.world_size == 1 and not window.launched:
                 staging = self._grad_shard(buffer)  # nothing to reduce: straight into the shard
             else:
-                staging = self._take(buffer.flat)
+                staging = self._take(buffer)
             if buffer.gap_index.numel():
                 staging.index_fill_(0, buffer.gap_index, 0)
             window.staging = staging
@@ -197,11 +204,11 @@ class GradReducer:
             self._views[key] = [staging[slot.span.slice].view(slot.shape) for slot in slots]
         return self._views[key]
 
-    def _take(self, like: Tensor) -> Tensor:
-        pool = self._pool
-        while self._in_flight and not pool.has_free(like) and pool.count(like) >= MAX_STAGING:
+    def _take(self, buffer: ShardedBuffer) -> Tensor:
+        pool, key = self._pool, _pool_key(buffer)
+        while self._in_flight and not pool.has_free(key) and pool.count(key) >= MAX_STAGING:
             self._finish(self._in_flight.popleft())
-        return pool.take(like)
+        return pool.take(buffer.layout.numel, key)
 
     def _absorb(self, index: int, slot: int) -> None:
         """Move parameter ``slot``'s ``.grad`` into the staging buffer: copied the first time this
@@ -235,7 +242,7 @@ class GradReducer:
     @staticmethod
     def _grad_shard(buffer: ShardedBuffer) -> Tensor:
         if buffer.grad_shard is None:
-            buffer.grad_shard = torch.empty_like(buffer.param_shard)
+            buffer.grad_shard = torch.empty_like(buffer.param_shard, dtype=buffer.grad_dtype)
         return buffer.grad_shard
 
     def _order(self) -> range:
@@ -248,7 +255,7 @@ class GradReducer:
         buffer, window = self._buffers[index], self._windows[index]
         if self._stage == 1:
             if buffer.full_grad is None:
-                buffer.full_grad = torch.zeros_like(buffer.flat)
+                buffer.full_grad = torch.zeros_like(buffer.flat, dtype=buffer.grad_dtype)
             full = buffer.full_grad
             window.codes = buffer.flatten_grads(full)
             pending = self._comm.all_reduce_(full, "the gradient all-reduce") if self._reduce else None

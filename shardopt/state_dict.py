@@ -22,6 +22,10 @@ from .comm import Comm
 
 StateEntry = dict[str, Any]
 
+#: The key of a state dict's fp32 master weights (``master_weights``), next to "state" and
+#: "param_groups": torch.optim ignores it, shardopt restores the weights from it exactly.
+MASTER_KEY = "master_params"
+
 
 def gather_buffer_state(buffer: ShardedBuffer, comm: Comm, scalar_dtype: torch.dtype) -> dict[int, StateEntry]:
     """Collective: the state of every parameter of ``buffer`` that has state, keyed by slot."""
@@ -42,6 +46,33 @@ def gather_buffer_state(buffer: ShardedBuffer, comm: Comm, scalar_dtype: torch.d
     return entries
 
 
+def gather_master(buffer: ShardedBuffer, comm: Comm) -> dict[int, Tensor]:
+    """Collective: the full fp32 master weights of ``buffer``'s parameters, keyed by slot."""
+    full = torch.empty(buffer.layout.numel, dtype=buffer.master_shard.dtype, device=buffer.flat.device)
+    comm.all_gather(full, buffer.master_shard, "the all-gather of the master weights").wait()
+    return {
+        position: full[slot.span.slice].view(slot.shape).clone() for position, slot in enumerate(buffer.layout.slots)
+    }
+
+
+def check_master(master: Any, param: Tensor, where: str) -> None:
+    if not isinstance(master, Tensor) or master.shape != param.shape or not master.is_floating_point():
+        shape = tuple(master.shape) if isinstance(master, Tensor) else type(master).__name__
+        raise ValueError(
+            f"loaded master weights of {where} are {shape} but the parameter has shape {tuple(param.shape)}: "
+            "the state dict belongs to a different model"
+        )
+
+
+def load_master(buffer: ShardedBuffer, masters: list[Tensor | None]) -> None:
+    """Cut this rank's master shard out of ``masters`` (one per slot); None: from the parameter."""
+    buffer.reset_master()
+    for piece in buffer.pieces:
+        saved = masters[piece.slot]
+        if saved is not None:
+            buffer.master_shard[piece.in_shard.slice].copy_(saved.reshape(-1)[piece.in_param.slice])
+
+
 def initial_entry(
     algorithm: Algorithm, group: Mapping[str, Any], param: Tensor, scalar_dtype: torch.dtype
 ) -> StateEntry:
@@ -54,9 +85,14 @@ def initial_entry(
     return entry
 
 
-def pack(param_groups: list[dict[str, Any]], states: Mapping[Tensor, StateEntry]) -> dict[str, Any]:
-    """torch.optim's format: parameters numbered across groups in order."""
-    packed_groups, packed_state = [], {}
+def pack(
+    param_groups: list[dict[str, Any]],
+    states: Mapping[Tensor, StateEntry],
+    masters: Mapping[Tensor, Tensor] | None = None,
+) -> dict[str, Any]:
+    """torch.optim's format: parameters numbered across groups in order (and master weights, if any)."""
+    packed_groups, packed_state, packed_masters = [], {}, {}
+    masters = masters or {}
     index = 0
     for group in param_groups:
         packed = {key: value for key, value in group.items() if key != "params"}
@@ -64,15 +100,20 @@ def pack(param_groups: list[dict[str, Any]], states: Mapping[Tensor, StateEntry]
         for number, param in zip(packed["params"], group["params"]):
             if param in states:
                 packed_state[number] = states[param]
+            if param in masters:
+                packed_masters[number] = masters[param]
         index += len(group["params"])
         packed_groups.append(packed)
-    return {"state": packed_state, "param_groups": packed_groups}
+    packed_dict = {"state": packed_state, "param_groups": packed_groups}
+    if packed_masters:
+        packed_dict[MASTER_KEY] = packed_masters
+    return packed_dict
 
 
 def unpack(
     state_dict: Mapping[str, Any], param_groups: list[dict[str, Any]], defaults: Mapping[str, Any]
-) -> tuple[list[dict[str, Any]], dict[Tensor, StateEntry]]:
-    """The new param groups and the per-parameter state a torch.optim-format dict holds.
+) -> tuple[list[dict[str, Any]], dict[Tensor, StateEntry], dict[Tensor, Any]]:
+    """The new param groups, the per-parameter state and master weights a torch.optim-format dict holds.
 
     The groups keep this optimizer's parameters and take the saved hyper-parameters,
     as torch.optim's load_state_dict does; keys an older dict lacks take the defaults.
@@ -89,8 +130,9 @@ def unpack(
             f"loaded state dict has {len(saved_groups)} parameter groups but the optimizer has "
             f"{len(param_groups)}: it belongs to a different model or optimizer setup"
         )
-    new_groups, states = [], {}
+    new_groups, states, masters = [], {}, {}
     saved_state = state_dict["state"]
+    saved_masters = state_dict.get(MASTER_KEY) or {}
     for g, (group, saved) in enumerate(zip(param_groups, saved_groups)):
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(
@@ -106,8 +148,10 @@ def unpack(
         for number, param in zip(saved["params"], group["params"]):
             if saved_state.get(number):
                 states[param] = saved_state[number]
+            if number in saved_masters:
+                masters[param] = saved_masters[number]
         new_groups.append(new_group)
-    return new_groups, states
+    return new_groups, states, masters
 
 
 def check_entry(
@@ -133,7 +177,7 @@ def check_entry(
 
 def load_buffer_state(buffer: ShardedBuffer, entries: list[StateEntry | None], names: tuple[str, ...]) -> None:
     """Replace ``buffer``'s state with this rank's shard of ``entries`` (one per slot, None: no state)."""
-    state = {name: torch.zeros_like(buffer.param_shard) for name in names}
+    state = {name: torch.zeros_like(buffer.master_shard) for name in names}
     for piece in buffer.pieces:
         entry = entries[piece.slot]
         if entry is not None:

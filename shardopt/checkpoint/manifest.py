@@ -31,6 +31,10 @@ def model_key(key: str) -> str:
     return f"model.{key}"
 
 
+#: The state name a parameter's fp32 master weights are stored under (``master_weights``).
+MASTER = "master_param"
+
+
 def state_key(param_name: str, state_name: str) -> str:
     return f"optim.state.{param_name}.{state_name}"
 
@@ -87,8 +91,9 @@ def build(
     starts = group_starts(optimizer.param_groups)
     for buffer in optimizer._buffers:
         for position, slot in enumerate(buffer.layout.slots):
+            record = params[starts[buffer.group_index] + slot.index]
+            record["master"] = buffer.master is not None
             if buffer.initialized[position]:
-                record = params[starts[buffer.group_index] + slot.index]
                 record["scalar_state"] = list(buffer.scalars)
                 record["tensor_state"] = list(buffer.state)
     return {

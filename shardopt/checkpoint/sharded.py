@@ -164,6 +164,13 @@ def _optimizer_entries(optimizer: ShardedOptimizer, names: list[list[str]]) -> d
             for state_name, shard in buffer.state.items():
                 chunks = {offset: shard[where] for offset, where in pieces.get(position, {}).items()}
                 entries[manifests.state_key(name, state_name)] = ShardChunks(slot.span.size, chunks)
+        if buffer.master is None:
+            continue
+        for position, slot in enumerate(buffer.layout.slots):
+            if slot.span.size:
+                chunks = {offset: buffer.master[where] for offset, where in pieces.get(position, {}).items()}
+                name = names[buffer.group_index][slot.index]
+                entries[manifests.state_key(name, manifests.MASTER)] = ShardChunks(slot.span.size, chunks)
     return entries
 
 
@@ -242,6 +249,8 @@ class _Restore:
     model_state: dict[str, Tensor] = field(default_factory=dict)
     # Per buffer: its new state shards and, per slot, the scalar state read (None: no state).
     buffers: list[tuple[ShardedBuffer, dict[str, Tensor], list[dict[str, Tensor] | None]]] = field(default_factory=list)
+    # Per buffer with master weights: the master shard read, and the pieces of it the checkpoint held.
+    masters: list[tuple[ShardedBuffer, Tensor, list[Piece]]] = field(default_factory=list)
 
     def decoded(self, name: str) -> Any:
         return decode(self.manifest[name], lambda key, device: restore_device(self.entries[key], device))
@@ -317,7 +326,7 @@ def _prepare_load(path: pathlib.Path, model: nn.Module, optimizer: ShardedOptimi
     for buffer in optimizer._buffers:
         group = groups[buffer.group_index]
         scalar_names, tensor_names = list(algorithm.scalar_state(group)), list(algorithm.tensor_state(group))
-        shards = {name: torch.zeros_like(buffer.param_shard) for name in tensor_names}
+        shards = {name: torch.zeros_like(buffer.master_shard) for name in tensor_names}
         scalars: list[dict[str, Tensor] | None] = [None] * len(buffer.params)
         pieces: dict[int, list[Piece]] = {}
         for piece in buffer.pieces:
@@ -342,18 +351,39 @@ def _prepare_load(path: pathlib.Path, model: nn.Module, optimizer: ShardedOptimi
                 continue
             for name in tensor_names:
                 key = manifests.state_key(record["name"], name)
-                expect(key, (slot.span.size,), buffer.flat.dtype)
+                expect(key, (slot.span.size,), buffer.master_shard.dtype)
                 chunks = {p.in_param.start: shards[name][p.in_shard.slice] for p in pieces.get(position, [])}
                 restore.entries[key] = ShardChunks(slot.span.size, chunks)
         restore.buffers.append((buffer, shards, scalars))
+        if buffer.master is not None:
+            _stage_master(restore, buffer, pieces, starts, expect)
     return restore
+
+
+def _stage_master(
+    restore: _Restore, buffer: ShardedBuffer, pieces: dict[int, list[Piece]], starts: list[int], expect: Any
+) -> None:
+    """Stage the read of ``buffer``'s master shard, for the parameters the checkpoint has master weights of
+    (a checkpoint of a run without them leaves the master weights to come from the loaded parameters)."""
+    master, saved = torch.zeros_like(buffer.master), []
+    for position, slot in enumerate(buffer.layout.slots):
+        record = restore.manifest["params"][starts[buffer.group_index] + slot.index]
+        if not record.get("master") or slot.span.size == 0:
+            continue
+        key = manifests.state_key(record["name"], manifests.MASTER)
+        expect(key, (slot.span.size,), master.dtype)
+        restore.entries[key] = ShardChunks(
+            slot.span.size, {p.in_param.start: master[p.in_shard.slice] for p in pieces.get(position, [])}
+        )
+        saved += pieces.get(position, [])
+    restore.masters.append((buffer, master, saved))
 
 
 def _groups(restore: _Restore, optimizer: ShardedOptimizer, tensor: Any) -> list[dict[str, Any]]:
     """The optimizer's param groups with the checkpoint's hyper-parameters, checked as
     ``load_state_dict`` checks them."""
     saved = decode(restore.manifest["param_groups"], tensor)
-    groups, _ = state_format.unpack({"state": {}, "param_groups": saved}, optimizer.param_groups, optimizer.defaults)
+    groups, _, _ = state_format.unpack({"state": {}, "param_groups": saved}, optimizer.param_groups, optimizer.defaults)
     for g, group in enumerate(groups):
         optimizer._check_group(group, g)
     return groups
@@ -368,6 +398,11 @@ def _install(restore: _Restore, model: nn.Module, optimizer: ShardedOptimizer, s
         state_format.install_buffer_state(buffer, shards, scalars)
     # Parameters are views of the flat buffers: load_state_dict copies into them.
     model.load_state_dict(restore.model_state)
+    for buffer in optimizer._buffers:
+        buffer.reset_master()
+    for buffer, master, saved in restore.masters:
+        for piece in saved:
+            buffer.master[piece.in_shard.slice] = master[piece.in_shard.slice]
     if scheduler is not None:
         scheduler.load_state_dict(restore.decoded("scheduler"))
     return restore.decoded("extra")

@@ -15,6 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from .. import state_dict as state_format
 from ..optimizer import ShardedOptimizer
 from . import manifest as manifests
 from .chunks import LoadPlanner
@@ -41,7 +42,7 @@ def consolidate(path: str | os.PathLike[str]) -> dict[str, Any]:
             keys.append(manifests.state_key(record["name"], name))
         if math.prod(record["shape"]) == 0:
             continue  # element-wise state of no elements: nothing was written
-        for name in record["tensor_state"]:
+        for name in record["tensor_state"] + ([manifests.MASTER] if record.get("master") else []):
             keys.append(manifests.state_key(record["name"], name))
     for name in ("param_groups", "scheduler", "extra"):
         keys.extend(tensor_keys(manifest[name]))
@@ -51,8 +52,11 @@ def consolidate(path: str | os.PathLike[str]) -> dict[str, Any]:
         tensors[key] = torch.empty(saved.size, dtype=saved.properties.dtype)
     dcp.load(tensors, storage_reader=reader, planner=LoadPlanner(), no_dist=True)
 
-    state = {}
+    state, masters = {}, {}
     for number, record in enumerate(manifest["params"]):
+        if record.get("master"):
+            master = tensors.get(manifests.state_key(record["name"], manifests.MASTER))
+            masters[number] = (torch.zeros(0) if master is None else master).view(record["shape"])
         if not record["scalar_state"] and not record["tensor_state"]:
             continue
         entry = {name: tensors[manifests.state_key(record["name"], name)] for name in record["scalar_state"]}
@@ -66,9 +70,12 @@ def consolidate(path: str | os.PathLike[str]) -> dict[str, Any]:
     def tensor(key: str, device: str) -> torch.Tensor:
         return tensors[key]
 
+    optimizer = {"state": state, "param_groups": decode(manifest["param_groups"], tensor)}
+    if masters:
+        optimizer[state_format.MASTER_KEY] = masters
     return {
         "model": {key: tensors[manifests.model_key(key)] for key, _, _ in manifest["model"]},
-        "optimizer": {"state": state, "param_groups": decode(manifest["param_groups"], tensor)},
+        "optimizer": optimizer,
         "scheduler": decode(manifest["scheduler"], tensor),
         "extra": decode(manifest["extra"], tensor),
     }
@@ -131,6 +138,8 @@ def load_torch(
     if model is not None:
         optimizer.finish_param_gather()
         model.load_state_dict(model_state)
+        if state_format.MASTER_KEY not in bundle["optimizer"]:
+            optimizer.refresh_master_weights()
     if scheduler is not None:
         scheduler.load_state_dict(bundle["scheduler"])
     return dict(bundle.get("extra") or {})
