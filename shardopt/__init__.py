@@ -7,6 +7,7 @@ from typing import Any
 from . import checkpoint
 from .algorithms import ALGORITHMS
 from .amp import GradScaler
+from .averaging import ShardedAveragedModel
 from .optimizer import ShardedOptimizer
 
 __version__ = "0.1.0"
@@ -32,4 +33,4 @@ def _alias(torch_class: type) -> type[ShardedOptimizer]:
 _ALIASES = {cls.__name__: _alias(cls) for cls in ALGORITHMS}
 globals().update(_ALIASES)
 
-__all__ = ["GradScaler", "ShardedOptimizer", "checkpoint", *sorted(_ALIASES)]
+__all__ = ["GradScaler", "ShardedAveragedModel", "ShardedOptimizer", "checkpoint", *sorted(_ALIASES)]

@@ -78,18 +78,19 @@ def two_optimizers_run() -> list[torch.Tensor]:
     return trajectory
 
 
-def test_two_sharded_optimizers_over_disjoint_parameters() -> None:
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_two_sharded_optimizers_over_disjoint_parameters(world_size: int) -> None:
     model = make_model()
     matrices, rest = split(model)
     first = torch.optim.AdamW(matrices, lr=1e-2, weight_decay=0.1)
     second = torch.optim.SGD(rest, lr=0.1, momentum=0.9)
     expected = []
     for step in range(STEPS):
-        set_mean_grads(model, 2, step)
+        set_mean_grads(model, world_size, step)
         first.step()
         second.step()
         expected.append(flat_params(model))
-    for trajectory in run_world(two_optimizers_run, 2):
+    for trajectory in run_world(two_optimizers_run, world_size):
         assert_trajectories_close(trajectory, expected, "AdamW on matrices + SGD on the rest")
 
 
