@@ -35,7 +35,8 @@ def collectives(via_all_reduce: bool, numel: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("via_all_reduce", [False, True], ids=["native", "via-all-reduce"])
 def test_reduce_scatter_and_all_gather(world_size: int, via_all_reduce: bool) -> None:
     numel = 5
-    per_rank = run_world(collectives, world_size, via_all_reduce, numel)
+    # fresh: collectives() rebinds comm.ALL_GATHER_VIA_ALL_REDUCE_NUMEL for the rest of its process.
+    per_rank = run_world(collectives, world_size, via_all_reduce, numel, fresh=True)
     total = sum(result["inputs"] for result in per_rank)
     expected_gather = torch.arange(1, world_size + 1, dtype=torch.float32).repeat_interleave(numel)
     for rank, result in enumerate(per_rank):
