@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import algorithms, kernels
+from . import algorithms, fingerprint, kernels
 from . import state_dict as state_format
 from .algorithms import Slices
 from .buffer import ShardedBuffer
@@ -98,6 +98,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             dtype, as torch.optim does.
         reduce_dtype: the dtype gradients are reduced and sharded in: None (the parameters'
             dtype) or ``torch.float32`` (exact sums of low-precision gradients, twice the bytes).
+        verify_every: every this many steps, check (two small all-reduces) that every rank holds the
+            same hyper-parameters and parameters, so that e.g. an lr scheduler stepped on one rank
+            only is an error naming it rather than silent divergence; None (default): only at
+            construction, ``add_param_group`` and loads.
         skip_nonfinite: skip the step, on every rank, when the mean gradient holds an inf or NaN
             (counted in :attr:`skipped_steps`); for fp16, use :class:`shardopt.GradScaler` instead.
         fused: how each shard update runs: torch's native fused kernel (Adam, AdamW, SGD,
@@ -123,6 +127,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         master_weights: bool | None = None,
         reduce_dtype: torch.dtype | None = None,
         skip_nonfinite: bool = False,
+        verify_every: int | None = None,
         **kwargs: Any,
     ) -> None:
         self._algorithm = algorithms.resolve(optimizer_class)
@@ -142,6 +147,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"overlap_param_gather must be True or False, got {overlap_param_gather!r}")
         if master_weights not in (None, True, False):
             raise TypeError(f"master_weights must be None (default: True), True or False, got {master_weights!r}")
+        if verify_every is not None and (
+            isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 1
+        ):
+            raise ValueError(f"verify_every must be None or a number of steps >= 1, got {verify_every!r}")
         if not isinstance(skip_nonfinite, bool):
             raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
         if reduce_dtype is not None and reduce_dtype not in REDUCE_DTYPES:
@@ -175,6 +184,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._master_weights = master_weights is not False
         self._reduce_dtype = reduce_dtype
         self._skip_nonfinite = skip_nonfinite
+        self._verify_every = verify_every
+        self._steps_called = 0
         #: Steps skipped because the gradient was not finite (``skip_nonfinite``, or a GradScaler).
         self.skipped_steps = 0
         self._scaler_checked = False  # shardopt.GradScaler looked at this step's gradients
@@ -192,11 +203,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ groups
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, as torch.optim does; collective (its parameters are broadcast from rank 0)."""
+        """Add a group, as torch.optim does; collective (its parameters are broadcast from rank 0, once
+        every rank is found to add the same parameters and hyper-parameters)."""
         super().add_param_group(param_group)
         group_index = len(self.param_groups) - 1
         try:
             self._check_group(self.param_groups[group_index], group_index)
+            opening = [] if group_index else self._setup_items()
+            group_items = fingerprint.group_items(self.param_groups[group_index], group_index, self._describe)
+            fingerprint.check(self._comm, opening + group_items, f"param group {group_index}")
         except Exception:
             self.param_groups.pop()
             raise
@@ -233,6 +248,43 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     f"({dist.get_backend(self._comm.group)}) communicates {self._comm.device.type} tensors; "
                     "use NCCL for CUDA parameters and gloo for CPU ones"
                 )
+
+    def _check_loaded_alike(self, groups: list[dict[str, Any]], states: dict[Tensor, Any]) -> None:
+        """Collective: every rank loads the same hyper-parameters and step counts (the same dict)."""
+        scalars = [
+            tuple(float(states[param][name]) for name in self._algorithm.scalar_state(group))
+            if param in states
+            else None
+            for group in groups
+            for param in group["params"]
+        ]
+        items = [("the loaded scalar state (step counts)", fingerprint.stable_hash(scalars))]
+        for g, group in enumerate(groups):
+            items += fingerprint.group_items(group, g, self._describe)
+        fingerprint.check(self._comm, items, "load_state_dict (every rank must load the same state dict)")
+
+    def _setup_items(self) -> list[fingerprint.Item]:
+        """What every rank must construct alike besides the param groups."""
+        options = (self._stage, self._grad_reduction, self._bucket_cap_bytes, self._master_weights)
+        options += (str(self._reduce_dtype), self._skip_nonfinite, self._gathers.lazy, self._fused)
+        return [
+            (
+                f"the algorithm ({self._algorithm.torch_class.__name__})",
+                fingerprint.stable_hash(self._algorithm.torch_class.__name__),
+            ),
+            (
+                "the options (stage, grad_reduction, bucket_cap_mb, master_weights, reduce_dtype, skip_nonfinite, "
+                f"overlap_param_gather, fused) = {options}",
+                fingerprint.stable_hash(options),
+            ),
+        ]
+
+    def _items(self) -> list[fingerprint.Item]:
+        """Everything ranks must hold alike: the setup, every group's hyper-parameters and parameters."""
+        items = self._setup_items()
+        for g, group in enumerate(self.param_groups):
+            items += fingerprint.group_items(group, g, self._describe)
+        return items
 
     @staticmethod
     def _describe(group: dict[str, Any], g: int, i: int) -> str:
@@ -275,6 +327,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 )
             with torch.enable_grad():
                 loss = closure()
+        self._steps_called += 1
+        if self._verify_every and self._steps_called % self._verify_every == 0:
+            fingerprint.check(self._comm, self._items(), f"step() call {self._steps_called} (verify_every)")
         with torch.no_grad():
             try:
                 reduced = self._reduced or self._reduce(loss)
@@ -649,6 +704,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     state_format.check_entry(states[param], param, self._algorithm, group, where)
                 if param in masters:
                     state_format.check_master(masters[param], param, where)
+        self._check_loaded_alike(new_groups, states)
         self.param_groups[:] = new_groups
         for buffer in self._buffers:
             group = new_groups[buffer.group_index]

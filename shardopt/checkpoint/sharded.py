@@ -31,6 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.api import CheckpointException
 
+from .. import fingerprint
 from .. import state_dict as state_format
 from ..buffer import ShardedBuffer
 from ..comm import Comm
@@ -291,7 +292,17 @@ def load(
     except DCP_ERRORS as caught:
         error = caught
     agree(comm, error, f"reading {path}")
+    _check_same_checkpoint(restore, comm, path)
     return _install(restore, model, optimizer, scheduler)
+
+
+def _check_same_checkpoint(restore: _Restore, comm: Comm, path: pathlib.Path) -> None:
+    """Collective: every rank read the same checkpoint. Ranks given different ones (two saves of
+    one run have the same manifest) would install a mix; their manifests and scalars (step
+    counts, scalar buffers), which every rank reads whole, tell them apart."""
+    scalars = [t.item() for t in restore.entries.values() if isinstance(t, Tensor) and t.ndim == 0]
+    read = fingerprint.stable_hash((json.dumps(restore.manifest, sort_keys=True), scalars))
+    fingerprint.check(comm, [(f"the checkpoint loaded ({path})", read)], "checkpoint.load")
 
 
 def _prepare_load(path: pathlib.Path, model: nn.Module, optimizer: ShardedOptimizer, scheduler: Any) -> _Restore:
