@@ -4,33 +4,45 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from . import checkpoint
-from .algorithms import ALGORITHMS
+from .algorithms import ALGORITHMS, WHOLE_TENSOR
 from .amp import GradScaler
 from .averaging import ShardedAveragedModel
 from .optimizer import ShardedOptimizer
+from .owned import OwnedOptimizer
 
 __version__ = "0.1.0"
 
 
-def _alias(torch_class: type) -> type[ShardedOptimizer]:
-    """``shardopt.AdamW(params, lr=...)`` is ``ShardedOptimizer(params, torch.optim.AdamW, lr=...)``."""
+def _alias(torch_class: type, base: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """``shardopt.AdamW(params, lr=...)`` is ``ShardedOptimizer(params, torch.optim.AdamW, lr=...)``
+    (``OwnedOptimizer`` for the algorithms that need whole tensors)."""
 
-    def __init__(self: ShardedOptimizer, params: Any, **kwargs: Any) -> None:
-        ShardedOptimizer.__init__(self, params, torch_class, **kwargs)
+    def __init__(self: Any, params: Any, **kwargs: Any) -> None:
+        base.__init__(self, params, torch_class, **kwargs)
 
     return type(
         torch_class.__name__,
-        (ShardedOptimizer,),
+        (base,),
         {
             "__init__": __init__,
-            "__doc__": f"``torch.optim.{torch_class.__name__}`` sharded: see :class:`ShardedOptimizer`.",
+            "__doc__": f"``torch.optim.{torch_class.__name__}`` sharded: see :class:`{base.__name__}`.",
             "__module__": __name__,
         },
     )
 
 
-_ALIASES = {cls.__name__: _alias(cls) for cls in ALGORITHMS}
+_ALIASES = {cls.__name__: _alias(cls, ShardedOptimizer) for cls in ALGORITHMS}
+_ALIASES |= {cls.__name__: _alias(cls, OwnedOptimizer) for cls in WHOLE_TENSOR}
 globals().update(_ALIASES)
 
-__all__ = ["GradScaler", "ShardedAveragedModel", "ShardedOptimizer", "checkpoint", *sorted(_ALIASES)]
+__all__ = [
+    "GradScaler",
+    "OwnedOptimizer",
+    "ShardedAveragedModel",
+    "ShardedOptimizer",
+    "checkpoint",
+    *sorted(_ALIASES),
+]

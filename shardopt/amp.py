@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .optimizer import ShardedOptimizer
+from .owned import OwnedOptimizer, unsupported_scaler
 
 
 class GradScaler(torch.amp.GradScaler):
@@ -22,6 +23,8 @@ class GradScaler(torch.amp.GradScaler):
     def _unscale_grads_(
         self, optimizer: torch.optim.Optimizer, inv_scale: Tensor, found_inf: Tensor, allow_fp16: bool
     ) -> dict[torch.device, Tensor]:
+        if isinstance(optimizer, OwnedOptimizer):
+            raise TypeError(unsupported_scaler(optimizer._torch_class.__name__))
         if isinstance(optimizer, ShardedOptimizer):
             # fp16 shards are unscaled in place like torch's fp16 gradients under allow_fp16; their
             # update runs on fp32 master weights, which is what torch's refusal protects.

@@ -134,3 +134,17 @@ class Pending:
             self._comm.wait(work, self.what)
         if then is not None:
             then()
+
+
+class OnGroup:
+    """What an optimizer over a process group tells about its place in it (``self._comm``)."""
+
+    _comm: Comm
+
+    @property
+    def rank(self) -> int:
+        return self._comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.world_size

@@ -54,6 +54,22 @@ def group_items(group: Mapping[str, Any], g: int, describe: Any) -> list[Item]:
     return items
 
 
+def loaded_items(groups: list[dict[str, Any]], states: Mapping[Tensor, Mapping[str, Any]], describe: Any) -> list[Item]:
+    """What a load installs that every rank must install alike: the groups' hyper-parameters and
+    parameters, and every parameter's scalar state (step counts)."""
+    scalars = [
+        tuple(float(v) for v in states[param].values() if not isinstance(v, Tensor) or v.ndim == 0)
+        if param in states
+        else None
+        for group in groups
+        for param in group["params"]
+    ]
+    items = [("the loaded scalar state (step counts)", stable_hash(scalars))]
+    for g, group in enumerate(groups):
+        items += group_items(group, g, describe)
+    return items
+
+
 def _short(hyper: Mapping[str, Any]) -> str:
     text = ", ".join(f"{key}={_plain(value)!r}" for key, value in hyper.items())
     return text if len(text) <= 200 else text[:197] + "..."

@@ -24,12 +24,13 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import algorithms, fingerprint, kernels
+from . import algorithms, fingerprint, groups, kernels
 from . import state_dict as state_format
 from .algorithms import Slices
 from .buffer import ShardedBuffer
-from .comm import Comm
+from .comm import Comm, OnGroup
 from .layout import ParamSpec, Span, plan_buffers, runs
+from .owned import OwnedOptimizer
 from .param_gather import ParamGathers
 from .reducer import GradReducer
 
@@ -62,21 +63,7 @@ def _takes(torch_class: type[torch.optim.Optimizer], keyword: str) -> bool:
     return keyword in inspect.signature(torch_class.__init__).parameters
 
 
-def _algorithm_defaults(torch_class: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """torch's own defaults and validation for ``kwargs``, from a throwaway torch optimizer."""
-    probe = torch.nn.Parameter(torch.zeros(1))
-    try:
-        return dict(torch_class([probe], **kwargs).defaults)
-    except TypeError as error:
-        if "unexpected keyword" not in str(error):
-            raise
-        accepted = [
-            name for name in inspect.signature(torch_class.__init__).parameters if name not in ("self", "params")
-        ]
-        raise TypeError(f"{error}; {torch_class.__name__} takes: {', '.join(accepted)}") from None
-
-
-class ShardedOptimizer(torch.optim.Optimizer):
+class ShardedOptimizer(OnGroup, torch.optim.Optimizer):
     """A ``torch.optim`` algorithm whose state is sharded across the ranks of a process group.
 
     Args:
@@ -112,6 +99,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
     Construction, ``step``, ``state_dict``, ``load_state_dict`` and ``add_param_group`` are
     collective: every rank of the group calls them, in the same order.
     """
+
+    def __new__(cls, params: Any = None, optimizer_class: Any = None, **kwargs: Any) -> Any:
+        # Adafactor and Muon need whole tensors, not element ranges: their own coordinator runs them.
+        if cls is ShardedOptimizer and algorithms.whole_tensor_class(optimizer_class) is not None:
+            return OwnedOptimizer(params, optimizer_class, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -176,7 +169,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._fused = None if _takes(torch_class, "fused") else kwargs.pop("fused", None)
         if self._fused not in (None, True, False):
             raise ValueError(f"fused must be None (choose), True or False, got {self._fused!r}")
-        defaults = _algorithm_defaults(torch_class, kwargs)
+        defaults = groups.torch_defaults(torch_class, kwargs)
         self._comm = Comm(process_group, timeout)
         self._stage = stage
         self._grad_reduction = grad_reduction
@@ -249,20 +242,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     "use NCCL for CUDA parameters and gloo for CPU ones"
                 )
 
-    def _check_loaded_alike(self, groups: list[dict[str, Any]], states: dict[Tensor, Any]) -> None:
-        """Collective: every rank loads the same hyper-parameters and step counts (the same dict)."""
-        scalars = [
-            tuple(float(states[param][name]) for name in self._algorithm.scalar_state(group))
-            if param in states
-            else None
-            for group in groups
-            for param in group["params"]
-        ]
-        items = [("the loaded scalar state (step counts)", fingerprint.stable_hash(scalars))]
-        for g, group in enumerate(groups):
-            items += fingerprint.group_items(group, g, self._describe)
-        fingerprint.check(self._comm, items, "load_state_dict (every rank must load the same state dict)")
-
     def _setup_items(self) -> list[fingerprint.Item]:
         """What every rank must construct alike besides the param groups."""
         options = (self._stage, self._grad_reduction, self._bucket_cap_bytes, self._master_weights)
@@ -286,11 +265,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             items += fingerprint.group_items(group, g, self._describe)
         return items
 
-    @staticmethod
-    def _describe(group: dict[str, Any], g: int, i: int) -> str:
-        names = group.get("param_names")
-        name = f" ({names[i]!r})" if names else ""
-        return f"parameter {i}{name} of param group {g}"
+    _describe = staticmethod(groups.describe)
 
     def _shard_group(self, group: dict[str, Any], g: int) -> None:
         trainable = []
@@ -704,7 +679,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     state_format.check_entry(states[param], param, self._algorithm, group, where)
                 if param in masters:
                     state_format.check_master(masters[param], param, where)
-        self._check_loaded_alike(new_groups, states)
+        # Ranks loading different dicts would install a mix; they get one error instead.
+        items = fingerprint.loaded_items(new_groups, states, self._describe)
+        fingerprint.check(self._comm, items, "load_state_dict (every rank must load the same state dict)")
         self.param_groups[:] = new_groups
         for buffer in self._buffers:
             group = new_groups[buffer.group_index]
@@ -726,11 +703,3 @@ class ShardedOptimizer(torch.optim.Optimizer):
             "master_bytes": sum(b.master_bytes() for b in self._buffers),
             "state_bytes": sum(b.state_bytes() for b in self._buffers),
         }
-
-    @property
-    def rank(self) -> int:
-        return self._comm.rank
-
-    @property
-    def world_size(self) -> int:
-        return self._comm.world_size

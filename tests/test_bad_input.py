@@ -24,7 +24,7 @@ from shardopt import ShardedOptimizer
 from tests.common import flat_params, loss_of, make_model
 from tests.world import run_world
 
-SUPPORTED = "ASGD, Adadelta, Adagrad, Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, Rprop, SGD"
+SUPPORTED = "ASGD, Adadelta, Adafactor, Adagrad, Adam, AdamW, Adamax, Muon, NAdam, RAdam, RMSprop, Rprop, SGD"
 # torch warns (and shardopt then raises) when a group holds a parameter twice.
 IGNORE_DUPLICATE_WARNING = pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate")
 

@@ -103,7 +103,12 @@ def desync_cases(directory: pathlib.Path) -> dict[str, str]:
             assert torch.equal(flat_params(fresh), before), "a failed load changed the model"
         return other
 
+    def muon_lr() -> Any:
+        matrices = [p for p in make_model().parameters() if p.ndim == 2]
+        return shardopt.Muon(matrices, lr=2e-2 if odd else 1e-2)
+
     cases: dict[str, Callable[[], Any]] = {
+        "muon lr": muon_lr,
         "wider": wider,
         "fewer": fewer,
         "dtype": dtype,
@@ -130,6 +135,7 @@ def desync_cases(directory: pathlib.Path) -> dict[str, str]:
 
 
 EXPECTED = {
+    "muon lr": "the hyper-parameters of param group 0 (lr=",
     "wider": "parameter 1 of param group 0 (shape (",
     "fewer": "between 7 and 8 items",
     "dtype": "parameter 0 of param group 0 (shape (3,), torch.float",

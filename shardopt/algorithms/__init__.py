@@ -33,13 +33,28 @@ ALGORITHMS: dict[type[torch.optim.Optimizer], Algorithm] = {
     )
 }
 
+# torch.optim algorithms that read whole tensors (row/column statistics, Newton-Schulz): not
+# element-wise, so shardopt.owned.OwnedOptimizer runs them, each tensor on one owner rank.
+WHOLE_TENSOR: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adafactor, torch.optim.Muon)
+
 # torch.optim algorithms that do not run sharded yet: named so the error can say so.
-NOT_YET_SHARDED = ("LBFGS", "Muon", "Adafactor", "SparseAdam")
+NOT_YET_SHARDED = ("LBFGS", "SparseAdam")
+
+
+def whole_tensor_class(optimizer_class: object) -> type[torch.optim.Optimizer] | None:
+    """The torch.optim class if ``optimizer_class`` (a class or its case-insensitive name) is one of
+    WHOLE_TENSOR, else None."""
+    for cls in WHOLE_TENSOR:
+        if optimizer_class is cls:
+            return cls
+        if isinstance(optimizer_class, str) and optimizer_class.lower() == cls.__name__.lower():
+            return cls
+    return None
 
 
 def resolve(optimizer_class: type[torch.optim.Optimizer] | str) -> Algorithm:
     """The algorithm for a torch.optim class or its case-insensitive name ("adamw")."""
-    supported = ", ".join(sorted(cls.__name__ for cls in ALGORITHMS))
+    supported = ", ".join(sorted(cls.__name__ for cls in (*ALGORITHMS, *WHOLE_TENSOR)))
     if isinstance(optimizer_class, str):
         by_name = {cls.__name__.lower(): cls for cls in ALGORITHMS}
         name = optimizer_class.lower()
@@ -62,4 +77,4 @@ def resolve(optimizer_class: type[torch.optim.Optimizer] | str) -> Algorithm:
     )
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "Group", "Slices", "resolve"]
+__all__ = ["ALGORITHMS", "WHOLE_TENSOR", "Algorithm", "Group", "Slices", "resolve", "whole_tensor_class"]

@@ -37,6 +37,7 @@ from ..buffer import ShardedBuffer
 from ..comm import Comm
 from ..layout import Piece
 from ..optimizer import ShardedOptimizer
+from ..owned import OwnedOptimizer
 from . import manifest as manifests
 from .chunks import LoadPlanner, SavePlanner, ShardChunks
 from .encoding import Encoder, decode, restore_device, tensor_keys
@@ -104,6 +105,7 @@ def save(
     thread while training goes on; the returned future completes when the checkpoint is in
     place (its ``result()`` raises CheckpointError where the save failed).
     """
+    _refuse_owned(optimizer)
     path = pathlib.Path(os.fspath(path))
     _wait_for_pending(optimizer)
     optimizer.finish_param_gather()
@@ -120,6 +122,15 @@ def save(
         return None
     writer = _writer_of(optimizer)
     return writer.executor.submit(_write, job.snapshot(), staging, path, writer.comm)
+
+
+def _refuse_owned(optimizer: Any) -> None:
+    """Adafactor and Muon keep whole tensors' state on owner ranks, which this format does not describe."""
+    if isinstance(optimizer, OwnedOptimizer):
+        raise CheckpointError(
+            "sharded checkpoints of Adafactor/Muon are not supported yet; use optimizer.state_dict() "
+            "(torch.optim's format) with torch.save, and optimizer.load_state_dict() to resume"
+        )
 
 
 def _prepare_save(
@@ -271,6 +282,7 @@ def load(
     restored. A checkpoint that is incomplete, corrupt or of another model raises
     CheckpointError on every rank, leaving the model and optimizer as they were.
     """
+    _refuse_owned(optimizer)
     path = pathlib.Path(os.fspath(path))
     _wait_for_pending(optimizer)
     optimizer.finish_param_gather()
