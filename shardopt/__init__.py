@@ -10,6 +10,7 @@ from . import checkpoint
 from .algorithms import ALGORITHMS, WHOLE_TENSOR
 from .amp import GradScaler
 from .averaging import ShardedAveragedModel
+from .fingerprint import DesyncError
 from .optimizer import ShardedOptimizer
 from .owned import OwnedOptimizer
 
@@ -39,6 +40,7 @@ _ALIASES |= {cls.__name__: _alias(cls, OwnedOptimizer) for cls in WHOLE_TENSOR}
 globals().update(_ALIASES)
 
 __all__ = [
+    "DesyncError",
     "GradScaler",
     "OwnedOptimizer",
     "ShardedAveragedModel",

@@ -37,6 +37,8 @@ class Comm:
 
     def __init__(self, process_group: dist.ProcessGroup | None, timeout: float | timedelta) -> None:
         self.timeout = as_timedelta(timeout)
+        #: Where the caller is (``"step() call 7"``), for the error a collective that never completes raises.
+        self.phase = ""
         if process_group is None and dist.is_available() and dist.is_initialized():
             process_group = dist.group.WORLD
         self.group = process_group
@@ -70,9 +72,10 @@ class Comm:
             if work is not None and not work.wait(self.timeout):
                 raise RuntimeError("the wait returned without completing")
         except RuntimeError as error:
+            where = f" ({self.phase})" if self.phase else ""
             raise RuntimeError(
-                f"shardopt: {what} on rank {self.rank} of {self.world_size} did not complete within "
-                f"{self.timeout.total_seconds():g} s; another rank has died, is stuck, or did not make the "
+                f"shardopt: {what}{where} on rank {self.rank} of {self.world_size} did not complete (the timeout is "
+                f"{self.timeout.total_seconds():g} s): another rank has died, is stuck, or did not make the "
                 f"same call (every rank must call step(), state_dict() and load_state_dict() together): {error}"
             ) from error
 

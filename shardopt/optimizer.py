@@ -303,6 +303,7 @@ class ShardedOptimizer(OnGroup, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._steps_called += 1
+        self._comm.phase = f"step() call {self._steps_called}"
         if self._verify_every and self._steps_called % self._verify_every == 0:
             fingerprint.check(self._comm, self._items(), f"step() call {self._steps_called} (verify_every)")
         with torch.no_grad():
@@ -332,6 +333,7 @@ class ShardedOptimizer(OnGroup, torch.optim.Optimizer):
                 self._reduced = None
                 self._scaler_checked = False
                 self._reducer.reset()
+                self._comm.phase = ""
         return reduced.loss
 
     #: torch.amp.GradScaler hands ``grad_scale`` and ``found_inf`` to step() rather than skipping
