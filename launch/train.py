@@ -1,35 +1,106 @@
-"""The main job: train a small model with a ShardedOptimizer on every rank of a torchrun world.
+"""The main job: train a small GPT on byte-level text with a ShardedOptimizer on every rank of a torchrun world.
 
-    torchrun --standalone --nproc-per-node 2 launch/train.py [--optimizer adamw] [--steps 200]
+    torchrun --standalone --nproc-per-node 2 launch/train.py [--optimizer adamw] [--steps 300]
 
-gloo on CPU, NCCL when CUDA is present (one GPU per rank). Prints the loss as it goes
-and, at the end, the optimizer bytes each rank holds against an unsharded optimizer.
+gloo on CPU, NCCL when CUDA is present (one GPU per rank); `python launch/train.py` runs a world of one.
+Rank 0 shows a progress bar; at the end the run writes run.json and run.png into --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
+import math
 import os
+import pathlib
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
+import report
+import text
 import torch
 import torch.distributed as dist
+from gpt import GPT
 from torch import nn
+from torch.optim import lr_scheduler
+from tqdm import tqdm
 
 import shardopt
+from shardopt.algorithms import whole_tensor_class
+from shardopt.checkpoint import CheckpointError
+
+# Tests set this to kill the last rank abruptly after that step, as a lost node would be, to check that
+# --resume continues the run exactly.
+CRASH_AFTER_STEP = "SHARDOPT_TRAIN_CRASH_AFTER_STEP"
+
+
+class UsageError(Exception):
+    """Bad flags, data or checkpoint: told to the user in one line, not a traceback wall."""
+
+
+def key_value(argument: str) -> tuple[str, Any]:
+    """``key=value`` with value a Python literal (``0.9``, ``(0.9, 0.95)``, ``True``), else the string."""
+    key, equals, value = argument.partition("=")
+    if not equals or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected key=value, got {argument!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--optimizer", default="adamw", help="any sharded torch.optim algorithm, by name")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--stage", type=int, choices=(1, 2), default=2)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--width", type=int, default=256, help="hidden width of the model")
-    parser.add_argument("--log-every", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
+    model = parser.add_argument_group("model and data")
+    model.add_argument("--layers", type=int, default=4, help="transformer blocks")
+    model.add_argument("--width", type=int, default=128, help="embedding width")
+    model.add_argument("--heads", type=int, default=4, help="attention heads (must divide --width)")
+    model.add_argument("--context", type=int, default=64, help="bytes per sequence")
+    model.add_argument("--data", help="a text file or a folder of them (default: the Python standard library)")
+    model.add_argument("--max-data-bytes", type=int, default=8 * 2**20, help="read at most this much text")
+    model.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="the model's parameter dtype")
+    optim = parser.add_argument_group("optimizer")
+    optim.add_argument("--optimizer", default="adamw", help="any torch.optim algorithm shardopt shards, by name")
+    optim.add_argument(
+        "--opt-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE", help="its keywords"
+    )
+    optim.add_argument("--stage", type=int, choices=(1, 2), default=2, help="1: state sharded; 2: gradients too")
+    optim.add_argument("--lr", type=float, default=3e-3)
+    optim.add_argument(
+        "--lr-schedule", default="warmup-cosine", help="warmup-cosine, constant, or a torch.optim.lr_scheduler class"
+    )
+    optim.add_argument("--sched-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE")
+    optim.add_argument("--clip", type=float, help="clip the gradient's global norm to this")
+    loop = parser.add_argument_group("training")
+    loop.add_argument("--steps", type=int, default=300)
+    loop.add_argument("--batch-size", type=int, default=16, help="sequences per rank and micro-batch")
+    loop.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    loop.add_argument("--seed", type=int, default=0)
+    loop.add_argument("--checkpoint-dir", type=pathlib.Path, help="where to save (and --resume from)")
+    loop.add_argument("--checkpoint-every", type=int, default=0, help="steps between saves (0: only at the end)")
+    loop.add_argument(
+        "--resume",
+        nargs="?",
+        const="always",
+        choices=("always", "auto"),
+        help="continue from the checkpoint in --checkpoint-dir; auto: if there is one (torchrun --max-restarts)",
+    )
+    loop.add_argument("--compare-torch", action="store_true", help="also train with plain torch.optim, and compare")
+    loop.add_argument("--out", type=pathlib.Path, help="where run.json and run.png go (default: runs/<time>)")
+    args = parser.parse_args(argv)
+    if args.resume and args.checkpoint_dir is None:
+        parser.error("--resume needs --checkpoint-dir")
+    for name in ("layers", "width", "heads", "context", "steps", "batch_size", "grad_accum"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.width % args.heads:
+        parser.error(f"--width {args.width} must be a multiple of --heads {args.heads}")
+    args.out = args.out or pathlib.Path("runs", time.strftime("%Y%m%d-%H%M%S"))
+    return args
 
 
 def init_distributed() -> torch.device:
@@ -48,64 +119,335 @@ def init_distributed() -> torch.device:
     return torch.device("cpu")
 
 
-def make_model(width: int, device: torch.device) -> nn.Module:
-    return nn.Sequential(nn.Linear(32, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1)).to(
-        device
+@dataclass
+class World:
+    rank: int
+    size: int
+    device: torch.device
+
+    def mean(self, value: float) -> float:
+        """The mean of ``value`` over the ranks (collective)."""
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        if self.size > 1:
+            dist.all_reduce(total)
+        return total.item() / self.size
+
+    def first_error(self, error: BaseException | None) -> str | None:
+        """The message of the lowest rank that failed, on every rank (collective). Ranks that fail alike
+        then exit together, each with its line, before torchrun stops the slower ones."""
+        messages = [str(error) if error is not None else None] * self.size
+        if self.size > 1:
+            dist.all_gather_object(messages, messages[self.rank])
+        return next((message for message in messages if message is not None), None)
+
+
+def make_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and in --compare-torch's run
+    model = GPT(args.layers, args.width, args.heads, args.context).to(device)
+    return model.to(torch.bfloat16) if args.precision == "bf16" else model
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    keywords = dict(args.opt_arg, lr=args.lr)
+    if whole_tensor_class(args.optimizer) is None:  # Adafactor and Muon shard by whole tensors: no stages
+        keywords["stage"] = args.stage
+    try:
+        return shardopt.ShardedOptimizer(list(model.parameters()), args.optimizer, **keywords)
+    except (TypeError, ValueError, NotImplementedError) as error:
+        flags = [f"--optimizer {args.optimizer}"] + [f"--opt-arg {key}={value!r}" for key, value in args.opt_arg]
+        raise UsageError(f"{' '.join(flags)}: {error}") from error
+
+
+def warmup_cosine(steps: int) -> Callable[[int], float]:
+    """Linear warmup over the first 10% of the steps, then a cosine decay to 10% of the peak rate."""
+    warmup = max(1, steps // 10)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> lr_scheduler.LRScheduler:
+    name = args.lr_schedule
+    if name == "warmup-cosine":
+        return lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps))
+    if name == "constant":
+        return lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    classes = {
+        n.lower(): c
+        for n, c in vars(lr_scheduler).items()
+        if isinstance(c, type) and issubclass(c, lr_scheduler.LRScheduler)
+    }
+    if name.lower() not in classes:
+        raise UsageError(f"--lr-schedule {name!r}: not warmup-cosine, constant or a torch.optim.lr_scheduler class")
+    try:
+        return classes[name.lower()](optimizer, **dict(args.sched_arg))
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"--lr-schedule {name}: {error}") from error
+
+
+class TorchDataParallel:
+    """Plain torch.optim fed the mean gradient (all-reduced by hand, as DDP would): the reference that
+    --compare-torch trains, with the few methods of ShardedOptimizer the loop calls."""
+
+    def __init__(self, model: nn.Module, args: argparse.Namespace, world: World) -> None:
+        torch_class = {n.lower(): c for n, c in vars(torch.optim).items() if isinstance(c, type)}[
+            args.optimizer.lower()
+        ]
+        self.params = list(model.parameters())
+        self.optimizer = torch_class(self.params, **dict(args.opt_arg, lr=args.lr))
+        self.world = world
+        self.reduced = False
+
+    def reduce(self) -> None:
+        if self.world.size > 1 and not self.reduced:
+            for param in self.params:
+                dist.all_reduce(param.grad)
+                param.grad /= self.world.size
+        self.reduced = True
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        self.reduce()
+        return nn.utils.clip_grad_norm_(self.params, max_norm)
+
+    def step(self) -> None:
+        self.reduce()
+        self.optimizer.step()
+        self.reduced = False
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+
+def micro_batch_context(optimizer: Any, last: bool) -> contextlib.AbstractContextManager[Any]:
+    """All micro-batches but the last accumulate locally, with no communication (``no_sync()``).
+    Adafactor and Muon (and --compare-torch's reference) reduce only at step(), so they need no block."""
+    if last or not hasattr(optimizer, "no_sync"):
+        return contextlib.nullcontext()
+    return optimizer.no_sync()
+
+
+@dataclass
+class History:
+    """Per-step loss (mean over ranks) and wall time; saved in each checkpoint, so a resumed run has it all."""
+
+    loss: list[float] = field(default_factory=list)
+    step_time_s: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: lr_scheduler.LRScheduler
+    corpus: torch.Tensor
+    history: History
+
+
+def train_step(
+    model: nn.Module, optimizer: Any, corpus: torch.Tensor, step: int, args: argparse.Namespace, world: World
+) -> float:
+    """One optimizer step over --grad-accum micro-batches; returns this rank's mean loss."""
+    total = 0.0
+    for micro in range(args.grad_accum):
+        x, y = text.batch(
+            corpus, seed=args.seed, step=step, micro=micro, rank=world.rank, size=args.batch_size, context=args.context
+        )
+        with micro_batch_context(optimizer, last=micro == args.grad_accum - 1):
+            loss = model(x.to(world.device), y.to(world.device)) / args.grad_accum
+            loss.backward()
+        total += loss.item()
+    if args.clip is not None:
+        optimizer.clip_grad_norm_(args.clip)
+    optimizer.step()
+    optimizer.zero_grad()
+    return total
+
+
+def train(
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: lr_scheduler.LRScheduler,
+    corpus: torch.Tensor,
+    args: argparse.Namespace,
+    world: World,
+    history: History,
+    checkpoint: Callable[[int], None] | None = None,
+    label: str = "shardopt",
+) -> None:
+    """Steps len(history.loss) .. --steps, with a progress bar on rank 0."""
+    tokens_per_step = args.batch_size * args.context * args.grad_accum * world.size
+    start = len(history.loss)
+    with tqdm(total=args.steps, initial=start, disable=world.rank != 0, desc=label, unit="step") as bar:
+        for step in range(start, args.steps):
+            began = time.perf_counter()
+            loss = world.mean(train_step(model, optimizer, corpus, step, args, world))
+            if isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(loss)
+            else:
+                scheduler.step()
+            elapsed = time.perf_counter() - began
+            history.loss.append(loss)
+            history.step_time_s.append(elapsed)
+            bar.set_postfix(
+                loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / elapsed:,.0f}", step_ms=f"{elapsed * 1e3:.0f}"
+            )
+            bar.update()
+            if checkpoint is not None:
+                checkpoint(step)
+
+
+def checkpoint_due(step: int, args: argparse.Namespace) -> bool:
+    done = step + 1
+    return done == args.steps or bool(args.checkpoint_every and done % args.checkpoint_every == 0)
+
+
+def save(job: Job, args: argparse.Namespace) -> None:
+    """A sharded checkpoint in --checkpoint-dir (collective). The batches are a function of (seed, step,
+    rank), so the next step is the data's position too."""
+    extra = {"next_step": len(job.history.loss), "loss": job.history.loss, "step_time_s": job.history.step_time_s}
+    shardopt.checkpoint.save(
+        args.checkpoint_dir, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler, extra=extra
     )
 
 
-def make_batch(step: int, rank: int, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed regression task; each rank draws its own samples."""
-    generator = torch.Generator().manual_seed(step * 1_000_003 + rank)
-    x = torch.randn(batch_size, 32, generator=generator)
-    y = torch.sin(x[:, :8].sum(dim=1, keepdim=True)) + 0.1 * x[:, 8:9]
-    return x.to(device), y.to(device)
+def checkpointer(job: Job, args: argparse.Namespace, world: World) -> Callable[[int], None] | None:
+    """Saves every --checkpoint-every steps and after the last."""
+    if args.checkpoint_dir is None:
+        return None
+    crash_after = int(os.environ.get(CRASH_AFTER_STEP, -1))
+
+    def checkpoint(step: int) -> None:
+        if checkpoint_due(step, args):
+            save(job, args)
+        # The first attempt only: a run restarted by torchrun --max-restarts goes on.
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if step == crash_after and world.rank == world.size - 1 and first_attempt:
+            os._exit(3)
+
+    return checkpoint
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    device = init_distributed()
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    torch.manual_seed(args.seed)
-    model = make_model(args.width, device)
+def resume(model: nn.Module, optimizer: Any, scheduler: Any, path: pathlib.Path | None) -> History:
+    if path is None:
+        return History()
+    extra = shardopt.checkpoint.load(path, model=model, optimizer=optimizer, scheduler=scheduler)
+    return History(extra["loss"], extra["step_time_s"])
+
+
+def memory(optimizer: Any, model: nn.Module, world: World) -> tuple[list[dict[str, int]], dict[str, int]]:
+    """memory_stats() of every rank, and what one unsharded torch.optim holds on every rank (collective)."""
+    stats = [optimizer.memory_stats()] * world.size
+    if world.size > 1:
+        dist.all_gather_object(stats, optimizer.memory_stats())
+    state = optimizer.state_dict()["state"]  # consolidated: exactly torch.optim's state
+    params = list(model.parameters())
+    low_precision = params[0].dtype != torch.float32
+    unsharded = {
+        "param_bytes": sum(p.numel() * p.element_size() for p in params),
+        "grad_bytes": sum(p.numel() * p.element_size() for p in params),
+        "master_bytes": sum(p.numel() * 4 for p in params) if low_precision else 0,
+        "state_bytes": sum(t.numel() * t.element_size() for entry in state.values() for t in entry.values()),
+    }
+    return stats, unsharded
+
+
+def set_up(args: argparse.Namespace, world: World, resume_from: pathlib.Path | None) -> Job:
+    corpus = text.load_corpus(args.data, args.max_data_bytes, args.context)
+    model = make_model(args, world.device)
+    optimizer = make_optimizer(model, args)
+    if args.checkpoint_dir is not None and isinstance(optimizer, shardopt.OwnedOptimizer):
+        raise UsageError(f"--checkpoint-dir: sharded checkpoints of {args.optimizer} are not supported yet")
+    if args.clip is not None and not hasattr(optimizer, "clip_grad_norm_"):
+        raise UsageError(f"--clip: {args.optimizer} does not clip gradients yet")
+    scheduler = make_scheduler(optimizer, args)
+    return Job(model, optimizer, scheduler, corpus, resume(model, optimizer, scheduler, resume_from))
+
+
+def compare_torch(job: Job, args: argparse.Namespace, world: World) -> dict[str, Any]:
+    """Train the same model from the same weights on the same batches with plain torch.optim."""
+    reference = make_model(args, world.device)
+    optimizer = TorchDataParallel(reference, args, world)
+    history = History()
+    scheduler = make_scheduler(optimizer.optimizer, args)
+    train(reference, optimizer, scheduler, job.corpus, args, world, history, label="torch.optim")
+    difference = max(abs(a - b) for a, b in zip(job.history.loss, history.loss))
+    return {"torch_loss": history.loss, "max_abs_loss_difference": difference}
+
+
+def run(job: Job, args: argparse.Namespace, world: World, checkpoint: Callable[[int], None] | None) -> dict[str, Any]:
+    """Train (calling ``checkpoint`` after every step), then gather what run.json records (collective)."""
+    train(job.model, job.optimizer, job.scheduler, job.corpus, args, world, job.history, checkpoint)
+    stats, unsharded = memory(job.optimizer, job.model, world)
+    record = {
+        "config": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
+        "world_size": world.size,
+        "device": str(world.device),
+        "parameters": sum(p.numel() for p in job.model.parameters()),
+        "tokens_per_step": args.batch_size * args.context * args.grad_accum * world.size,
+        "loss": job.history.loss,
+        "step_time_s": job.history.step_time_s,
+        "memory": stats,
+        "unsharded": unsharded,
+    }
+    if args.compare_torch:
+        record.update(compare_torch(job, args, world))
+    return record
+
+
+def start(args: argparse.Namespace, world: World, resume_from: pathlib.Path | None) -> Job:
+    """:func:`set_up`, failing on every rank alike (collective)."""
+    job, error = None, None
     try:
-        optimizer = shardopt.ShardedOptimizer(model.parameters(), args.optimizer, lr=args.lr, stage=args.stage)
-    except (TypeError, ValueError, NotImplementedError) as error:
-        print(f"rank {rank}: {error}", file=sys.stderr)
-        return 2
+        job = set_up(args, world, resume_from)
+    except (UsageError, text.DataError, CheckpointError) as caught:
+        error = caught
+    message = world.first_error(error)
+    if message is not None:
+        raise UsageError(message) from error
+    return job
 
-    for step in range(args.steps):
-        x, y = make_batch(step, rank, args.batch_size, device)
-        optimizer.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        if step % args.log_every == 0 or step == args.steps - 1:
-            mean_loss = loss.detach().clone()
-            if world > 1:
-                dist.all_reduce(mean_loss)
-                mean_loss /= world
-            if rank == 0:
-                print(f"step {step:5d}  loss {mean_loss.item():.5f}", flush=True)
 
-    stats = optimizer.memory_stats()
-    gathered = [stats] * world
-    if world > 1:
-        dist.all_gather_object(gathered, stats)
-    # What one unsharded torch.optim holds: the consolidated state, in torch's own format.
-    full_state = optimizer.state_dict()["state"]
-    unsharded = sum(t.numel() * t.element_size() for entry in full_state.values() for t in entry.values())
-    if rank == 0:
-        numel = sum(p.numel() for p in model.parameters())
-        print(f"{numel:,} parameters, {world} ranks, {args.optimizer} stage {args.stage}")
-        for r, s in enumerate(gathered):
-            print(f"rank {r}: optimizer state {s['state_bytes']:,} B, gradients {s['grad_bytes']:,} B")
-        print(f"unsharded torch.optim: optimizer state {unsharded:,} B on every rank")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+def join_world() -> World:
+    device = init_distributed()
+    if not dist.is_initialized():
+        return World(0, 1, device)
+    return World(dist.get_rank(), dist.get_world_size(), device)
+
+
+def resume_from(args: argparse.Namespace) -> pathlib.Path | None:
+    """The checkpoint to start from: --resume's, or with --resume auto the one there is, if any."""
+    if args.resume == "always" or (args.resume == "auto" and shardopt.checkpoint.is_complete(args.checkpoint_dir)):
+        return args.checkpoint_dir
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    world = join_world()
+    try:
+        job = start(args, world, resume_from(args))
+        record = run(job, args, world, checkpointer(job, args, world))
+    except (UsageError, CheckpointError) as error:  # CheckpointError: raised on every rank alike
+        # One write, so that the ranks' lines sharing a terminal never interleave.
+        sys.stderr.write(f"train.py: error: {error}\n")
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if world.rank == 0:
+        write_report(args.out, record)
+
+
+def write_report(out: pathlib.Path, record: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"run.json: {report.write_json(out, record)}")
+    print(f"run.png:  {report.write_plot(out, record)}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

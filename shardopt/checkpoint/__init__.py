@@ -14,6 +14,7 @@ Loading never unpickles anything but DCP's metadata, through an allow-list.
 
 from .errors import CheckpointError
 from .sharded import load, save
+from .storage import is_complete
 from .torch_format import consolidate, export, load_torch
 
-__all__ = ["CheckpointError", "consolidate", "export", "load", "load_torch", "save"]
+__all__ = ["CheckpointError", "consolidate", "export", "is_complete", "load", "load_torch", "save"]

@@ -124,6 +124,11 @@ def publish(staging: pathlib.Path, path: pathlib.Path) -> None:
     _fsync_directory(path.parent)
 
 
+def is_complete(path: pathlib.Path) -> bool:
+    """Whether ``path`` holds a checkpoint whose save completed (its marker is written last)."""
+    return (path / MARKER).is_file()
+
+
 def read_manifest(path: pathlib.Path) -> dict[str, Any]:
     """The manifest of the complete checkpoint at ``path``; CheckpointError if there is none."""
     if not path.is_dir():
