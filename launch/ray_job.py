@@ -57,12 +57,12 @@ def worker(config: dict[str, Any]) -> None:
             job = job_module.start(args, world, pathlib.Path(directory))
 
     def checkpoint(step: int) -> None:
-        if not job_module.checkpoint_due(step, args):
-            return
-        job_module.save(job, args)
-        # Every rank reports (Ray waits for all); rank 0 hands over the directory the ranks wrote together.
-        saved = Checkpoint.from_directory(str(args.checkpoint_dir)) if world.rank == 0 else None
-        ray.train.report({"step": step + 1, "loss": job.history.loss[-1]}, checkpoint=saved)
+        if job_module.checkpoint_due(step, args):
+            job_module.save(job, args)
+            # Every rank reports (Ray waits for all); rank 0 hands over the directory the ranks wrote together.
+            saved = Checkpoint.from_directory(str(args.checkpoint_dir)) if world.rank == 0 else None
+            ray.train.report({"step": step + 1, "loss": job.history.loss[-1]}, checkpoint=saved)
+        job_module.crash_if_asked(step, world)
 
     record = job_module.run(job, args, world, checkpoint)
     if world.rank == 0:

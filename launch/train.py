@@ -319,17 +319,21 @@ def checkpointer(job: Job, args: argparse.Namespace, world: World) -> Callable[[
     """Saves every --checkpoint-every steps and after the last."""
     if args.checkpoint_dir is None:
         return None
-    crash_after = int(os.environ.get(CRASH_AFTER_STEP, -1))
 
     def checkpoint(step: int) -> None:
         if checkpoint_due(step, args):
             save(job, args)
-        # The first attempt only: a run restarted by torchrun --max-restarts goes on.
-        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if step == crash_after and world.rank == world.size - 1 and first_attempt:
-            os._exit(3)
+        crash_if_asked(step, world)
 
     return checkpoint
+
+
+def crash_if_asked(step: int, world: World) -> None:
+    """The tests' fault: the last rank dies abruptly after step ``$SHARDOPT_TRAIN_CRASH_AFTER_STEP``,
+    in a first attempt only (a run restarted by torchrun --max-restarts goes on)."""
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if step == int(os.environ.get(CRASH_AFTER_STEP, -1)) and world.rank == world.size - 1 and first_attempt:
+        os._exit(3)
 
 
 def resume(model: nn.Module, optimizer: Any, scheduler: Any, path: pathlib.Path | None) -> History:

@@ -139,14 +139,22 @@ def test_resume_of_another_model_fails_in_one_line(
     assert stderr.strip().splitlines() == error_lines(stderr), stderr
 
 
-def test_ray_job_trains_as_torchrun_does(reference: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    """launch/ray_job.py on a local 2-CPU Ray cluster: the same job, so the same losses, and a checkpoint reported."""
+def test_ray_job_trains_as_torchrun_does_and_a_restarted_job_resumes(
+    reference: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """launch/ray_job.py on a local 2-CPU Ray cluster: a job whose rank 1 dies after step 6, started
+    again with the same --name and --storage, resumes from the step-4 checkpoint Ray keeps and ends
+    with the torchrun run's losses."""
     pytest.importorskip("ray.train.torch")
     # A throwaway local cluster needs no token authentication.
     environment = {**os.environ, "RAY_AUTH_MODE": "disabled", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(ROOT / "launch" / "ray_job.py"), "--workers", "2", "--storage", tmp_path / "ray"]
     command += [*TINY, "--out", tmp_path]
-    done = subprocess.run([str(c) for c in command], capture_output=True, text=True, env=environment, timeout=300)
+    command = [str(c) for c in command]
+    crash = {**environment, "SHARDOPT_TRAIN_CRASH_AFTER_STEP": "5"}
+    killed = subprocess.run(command, capture_output=True, text=True, env=crash, timeout=300)
+    assert killed.returncode != 0 and not (tmp_path / "run.json").exists()
+    done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert record_of(tmp_path)["loss"] == pytest.approx(record_of(reference)["loss"], abs=1e-6)
     assert "latest checkpoint: " + str(tmp_path / "ray") in done.stdout
+    assert record_of(tmp_path)["loss"] == pytest.approx(record_of(reference)["loss"], abs=1e-6)
