@@ -58,7 +58,7 @@ def loaded_items(groups: list[dict[str, Any]], states: Mapping[Tensor, Mapping[s
     """What a load installs that every rank must install alike: the groups' hyper-parameters and
     parameters, and every parameter's scalar state (step counts)."""
     scalars = [
-        tuple(float(v) for v in states[param].values() if not isinstance(v, Tensor) or v.ndim == 0)
+        tuple(float(v) for v in states[param].values() if isinstance(v, (int, float)) or _is_scalar_tensor(v))
         if param in states
         else None
         for group in groups
@@ -68,6 +68,10 @@ def loaded_items(groups: list[dict[str, Any]], states: Mapping[Tensor, Mapping[s
     for g, group in enumerate(groups):
         items += group_items(group, g, describe)
     return items
+
+
+def _is_scalar_tensor(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.ndim == 0
 
 
 def _short(hyper: Mapping[str, Any]) -> str:
