@@ -107,15 +107,20 @@ def init_distributed() -> torch.device:
     """Join the torchrun world (or run as a world of one) and pick this rank's device."""
     if "RANK" not in os.environ:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # torchrun keeps one store across the attempts of a job run with --max-restarts; the keys a
+    # process group publishes there (each rank's address) would outlive their attempt, and a rank
+    # of the next attempt could read its peer's old address. One key space per attempt.
+    store, rank, size = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     if torch.cuda.is_available():
         local_rank = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=size)
         return torch.device("cuda", local_rank)
     if os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost"):
         # A single-node CPU run: keep gloo's own connections on loopback too.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=size)
     return torch.device("cpu")
 
 
@@ -147,7 +152,16 @@ def make_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     return model.to(torch.bfloat16) if args.precision == "bf16" else model
 
 
+# Algorithms this loop cannot drive, and why (the model's gradients are dense; step() takes no closure).
+UNFIT = {
+    "lbfgs": "LBFGS needs a closure that recomputes the loss; this loop calls step() without one",
+    "sparseadam": "SparseAdam takes sparse gradients (nn.Embedding(sparse=True)); this model's are dense",
+}
+
+
 def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    if args.optimizer.lower() in UNFIT:
+        raise UsageError(f"--optimizer {args.optimizer}: {UNFIT[args.optimizer.lower()]}")
     keywords = dict(args.opt_arg, lr=args.lr)
     if whole_tensor_class(args.optimizer) is None:  # Adafactor and Muon shard by whole tensors: no stages
         keywords["stage"] = args.stage
@@ -364,7 +378,7 @@ def set_up(args: argparse.Namespace, world: World, resume_from: pathlib.Path | N
     corpus = text.load_corpus(args.data, args.max_data_bytes, args.context)
     model = make_model(args, world.device)
     optimizer = make_optimizer(model, args)
-    if args.checkpoint_dir is not None and isinstance(optimizer, shardopt.OwnedOptimizer):
+    if args.checkpoint_dir is not None and not isinstance(optimizer, shardopt.ShardedOptimizer):
         raise UsageError(f"--checkpoint-dir: sharded checkpoints of {args.optimizer} are not supported yet")
     if args.clip is not None and not hasattr(optimizer, "clip_grad_norm_"):
         raise UsageError(f"--clip: {args.optimizer} does not clip gradients yet")

@@ -11,8 +11,10 @@ from .algorithms import ALGORITHMS, WHOLE_TENSOR
 from .amp import GradScaler
 from .averaging import ShardedAveragedModel
 from .fingerprint import DesyncError
+from .lbfgs import ShardedLBFGS
 from .optimizer import ShardedOptimizer
 from .owned import OwnedOptimizer
+from .sparse import SparseRowOptimizer
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,8 @@ def _alias(torch_class: type, base: type[torch.optim.Optimizer]) -> type[torch.o
 
 _ALIASES = {cls.__name__: _alias(cls, ShardedOptimizer) for cls in ALGORITHMS}
 _ALIASES |= {cls.__name__: _alias(cls, OwnedOptimizer) for cls in WHOLE_TENSOR}
+_ALIASES["LBFGS"] = ShardedLBFGS  # takes only LBFGS's keywords: no optimizer_class to pass
+_ALIASES["SparseAdam"] = _alias(torch.optim.SparseAdam, SparseRowOptimizer)
 globals().update(_ALIASES)
 
 __all__ = [
@@ -44,7 +48,9 @@ __all__ = [
     "GradScaler",
     "OwnedOptimizer",
     "ShardedAveragedModel",
+    "ShardedLBFGS",
     "ShardedOptimizer",
+    "SparseRowOptimizer",
     "checkpoint",
     *sorted(_ALIASES),
 ]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .optimizer import ShardedOptimizer
-from .owned import OwnedOptimizer, unsupported_scaler
+from .replicated import ReplicatedOptimizer, unsupported_scaler
 
 
 class GradScaler(torch.amp.GradScaler):
@@ -23,7 +23,7 @@ class GradScaler(torch.amp.GradScaler):
     def _unscale_grads_(
         self, optimizer: torch.optim.Optimizer, inv_scale: Tensor, found_inf: Tensor, allow_fp16: bool
     ) -> dict[torch.device, Tensor]:
-        if isinstance(optimizer, OwnedOptimizer):
+        if isinstance(optimizer, ReplicatedOptimizer):
             raise TypeError(unsupported_scaler(optimizer._torch_class.__name__))
         if isinstance(optimizer, ShardedOptimizer):
             # fp16 shards are unscaled in place like torch's fp16 gradients under allow_fp16; their

@@ -30,9 +30,11 @@ from .algorithms import Slices
 from .buffer import ShardedBuffer
 from .comm import Comm, OnGroup
 from .layout import ParamSpec, Span, plan_buffers, runs
+from .lbfgs import ShardedLBFGS
 from .owned import OwnedOptimizer
 from .param_gather import ParamGathers
 from .reducer import GradReducer
+from .sparse import SparseRowOptimizer
 
 GRAD_REDUCTIONS = ("mean", "sum", None)
 REDUCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -104,6 +106,10 @@ class ShardedOptimizer(OnGroup, torch.optim.Optimizer):
         # Adafactor and Muon need whole tensors, not element ranges: their own coordinator runs them.
         if cls is ShardedOptimizer and algorithms.whole_tensor_class(optimizer_class) is not None:
             return OwnedOptimizer(params, optimizer_class, **kwargs)
+        if cls is ShardedOptimizer and algorithms.is_lbfgs(optimizer_class):  # global dot products: its own
+            return ShardedLBFGS(params, **kwargs)
+        if cls is ShardedOptimizer and algorithms.is_sparse_adam(optimizer_class):  # sharded by rows: its own
+            return SparseRowOptimizer(params, optimizer_class, **kwargs)
         return super().__new__(cls)
 
     def __init__(

@@ -23,23 +23,11 @@ from torch import Tensor
 
 from . import algorithms, fingerprint, groups, owned_comm, owned_state
 from . import state_dict as state_format
-from .comm import Comm, OnGroup
 from .ownership import assign_owners, update_cost
-
-GRAD_REDUCTIONS = ("mean", "sum", None)
-
-
-def unsupported_scaler(name: str) -> str:
-    return (
-        f"a GradScaler cannot drive {name} yet (its ranks would judge infs on their own gradients and could "
-        "disagree about skipping a step); train it in bfloat16 or fp32 without a scaler"
-    )
+from .replicated import ReplicatedOptimizer
 
 
-OUR_KEYWORDS = ("process_group", "grad_reduction", "timeout")
-
-
-class OwnedOptimizer(OnGroup, torch.optim.Optimizer):
+class OwnedOptimizer(ReplicatedOptimizer):
     """``torch.optim.Adafactor`` or ``torch.optim.Muon`` with each parameter's state on one owner rank.
 
     Args:
@@ -74,104 +62,52 @@ class OwnedOptimizer(OnGroup, torch.optim.Optimizer):
                 f"(or its name), got {getattr(optimizer_class, '__name__', repr(optimizer_class))}; "
                 "use ShardedOptimizer for the others"
             )
-        if grad_reduction not in GRAD_REDUCTIONS:
-            raise ValueError(
-                f"grad_reduction must be 'mean', 'sum' or None (gradients already reduced), got {grad_reduction!r}"
-            )
-        defaults = groups.torch_defaults(torch_class, kwargs, OUR_KEYWORDS)
-        self._torch_class = torch_class
-        self._kwargs = kwargs
-        self._comm = Comm(process_group, timeout)
-        self._grad_reduction = grad_reduction
+        super().__init__(
+            params,
+            torch_class,
+            process_group=process_group,
+            grad_reduction=grad_reduction,
+            timeout=timeout,
+            kwargs=kwargs,
+        )
+
+    def _prepare(self) -> None:
         self._owner: dict[Tensor, int] = {}
         self._loads = [0] * self._comm.world_size  # each rank's update cost so far
         # This rank's torch optimizer: its group g holds the parameters of param group g this rank
-        # owns (add_param_group adds them). torch refuses to start with no group: one, removed.
-        self._inner = torch_class([{"params": []}], **kwargs)
+        # owns (_place adds them). torch refuses to start with no group: one, removed.
+        self._inner = self._torch_class([{"params": []}], **self._kwargs)
         self._inner.param_groups.clear()
-        super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, as torch.optim does; collective (its parameters are broadcast from rank 0)."""
-        super().add_param_group(param_group)
-        g = len(self.param_groups) - 1
-        group = self.param_groups[g]
-        try:
-            self._check_group(group, g)
-            opening = [] if g else self._setup_items()
-            items = opening + fingerprint.group_items(group, g, groups.describe)
-            fingerprint.check(self._comm, items, f"param group {g}")
-        except Exception:
-            self.param_groups.pop()
-            raise
+    def _place(self, group: dict[str, Any]) -> None:
+        """Give each of ``group``'s parameters an owner, balancing the update work."""
         params = group["params"]
         costs = [update_cost(self._torch_class.__name__, p.shape) for p in params]
         owners = assign_owners(costs, self._comm.world_size, self._loads)
         for param, owner, cost in zip(params, owners, costs):
             self._owner[param] = owner
             self._loads[owner] += cost
-        # Every rank must start from the same parameters, as DDP ensures at construction.
-        with torch.no_grad():
-            owned_comm.broadcast_from_first(self._comm, params, "the broadcast of the initial parameters")
         mine = [p for p in params if self._owner[p] == self._comm.rank]
         self._inner.add_param_group({**self._hyper_parameters(group), "params": mine})
 
-    def _setup_items(self) -> list[fingerprint.Item]:
-        """What every rank must construct alike besides the param groups."""
-        name = self._torch_class.__name__
-        return [
-            (f"the algorithm ({name})", fingerprint.stable_hash(name)),
-            (f"grad_reduction ({self._grad_reduction!r})", fingerprint.stable_hash(self._grad_reduction)),
-        ]
-
-    def _check_group(self, group: dict[str, Any], g: int) -> None:
-        # torch's own validation of the group (Muon: 2-D parameters only), without creating state.
-        self._torch_class([dict(group)], **self._kwargs)
-        seen: set[Tensor] = set()
-        for i, param in enumerate(group["params"]):
-            where = groups.describe(group, g, i)
-            if param in seen:
-                raise ValueError(f"{where} appears twice in the group; pass each parameter once")
-            seen.add(param)
-            if param.is_complex():
-                raise TypeError(f"{where} is complex; {self._torch_class.__name__} does not support complex parameters")
-            if param.layout is not torch.strided:
-                raise TypeError(f"{where} has layout {param.layout}; shardopt optimizes dense (strided) tensors")
-            if self._comm.world_size > 1 and param.device.type != self._comm.device.type:
-                raise ValueError(
-                    f"{where} is on {param.device} but the process group's backend "
-                    f"({dist.get_backend(self._comm.group)}) communicates {self._comm.device.type} tensors; "
-                    "use NCCL for CUDA parameters and gloo for CPU ones"
-                )
+    def _check_param(self, param: Tensor, where: str) -> None:
+        if param.is_complex():
+            raise TypeError(f"{where} is complex; {self._torch_class.__name__} does not support complex parameters")
+        if param.layout is not torch.strided:
+            raise TypeError(f"{where} has layout {param.layout}; shardopt optimizes dense (strided) tensors")
 
     @staticmethod
     def _hyper_parameters(group: dict[str, Any]) -> dict[str, Any]:
         return {key: value for key, value in group.items() if key not in ("params", "param_names")}
 
-    def _params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
     # ------------------------------------------------------------------ step
-
-    #: torch.amp.GradScaler then calls step() on every rank, where the error below is raised alike.
-    _step_supports_amp_scaling = True
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One optimizer step on every rank; returns the closure's loss averaged over ranks."""
-        if hasattr(self, "found_inf"):
-            del self.found_inf
-            self.__dict__.pop("grad_scale", None)
-            raise TypeError(unsupported_scaler(self._torch_class.__name__))
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        present, loss = self._begin_step(closure)
         with torch.no_grad():
-            params = self._params()
-            has_grad, loss = self._agree(params, loss)
-            present = [p for p, flag in zip(params, has_grad) if flag]
             if self._grad_reduction is not None:
                 # A parameter with a gradient on some rank only counts zero on the others.
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in present]
@@ -186,44 +122,6 @@ class OwnedOptimizer(OnGroup, torch.optim.Optimizer):
             owners = [self._owner[p] for p in present]
             owned_comm.gather_from_owners(self._comm, present, owners, "the all-gather of updated parameters")
         return loss
-
-    def _agree(self, params: list[Tensor], loss: Any) -> tuple[list[bool], Any]:
-        """One all-reduce: which parameters have a gradient on some rank, which a sparse one, the mean loss.
-
-        Before: each rank knows its own gradients and loss. After: every rank knows the same
-        flags, raises the same error, and holds the same mean loss.
-        """
-        has_loss = loss is not None
-        flags = [float(p.grad is not None) for p in params]
-        sparse = [float(p.grad is not None and p.grad.is_sparse) for p in params]
-        value = loss.detach() if isinstance(loss, Tensor) else loss
-        tail = [float(has_loss), float(value) if has_loss else 0.0]
-        agreed = torch.tensor(flags + sparse + tail, dtype=torch.float64, device=self._comm.device)
-        self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()").wait()
-        agreed = agreed.cpu()
-        n, world = len(params), self._comm.world_size
-        if agreed[n : 2 * n].any():
-            position = int(agreed[n : 2 * n].nonzero()[0])
-            raise RuntimeError(
-                f"{self._locate(position)} has a sparse gradient; "
-                f"{self._torch_class.__name__} does not support sparse gradients"
-            )
-        if agreed[2 * n] not in (0, world):
-            raise RuntimeError(
-                f"the closure returned a loss on {int(agreed[2 * n])} of {world} ranks; return one on every rank"
-            )
-        if has_loss and world > 1:
-            mean = agreed[2 * n + 1].item() / world
-            loss = torch.tensor(mean, dtype=loss.dtype, device=loss.device) if isinstance(loss, Tensor) else mean
-        return (agreed[:n] > 0).tolist(), loss
-
-    def _locate(self, position: int) -> str:
-        """Describe the parameter at ``position`` in the groups' concatenated parameter order."""
-        for g, group in enumerate(self.param_groups):
-            if position < len(group["params"]):
-                return groups.describe(group, g, position)
-            position -= len(group["params"])
-        raise IndexError(position)
 
     # ------------------------------------------------------------------ state
 

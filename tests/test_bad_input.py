@@ -24,7 +24,10 @@ from shardopt import ShardedOptimizer
 from tests.common import flat_params, loss_of, make_model
 from tests.world import run_world
 
-SUPPORTED = "ASGD, Adadelta, Adafactor, Adagrad, Adam, AdamW, Adamax, Muon, NAdam, RAdam, RMSprop, Rprop, SGD"
+SUPPORTED = (
+    "ASGD, Adadelta, Adafactor, Adagrad, Adam, AdamW, Adamax, LBFGS, Muon, NAdam, RAdam, RMSprop, Rprop, SGD, "
+    "SparseAdam"
+)
 # torch warns (and shardopt then raises) when a group holds a parameter twice.
 IGNORE_DUPLICATE_WARNING = pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate")
 
@@ -82,12 +85,8 @@ def assert_groups_unchanged(optimizer: torch.optim.Optimizer, snapshot: list[dic
     [
         ("adamz", ValueError, rf"optimizer_class 'adamz' is not a torch.optim algorithm; choose one of: {SUPPORTED}"),
         (nn.Linear, TypeError, rf"algorithm class or its name, got Linear; choose one of: {SUPPORTED}"),
-        ("lbfgs", NotImplementedError, r"optimizer_class 'lbfgs' does not run sharded yet"),
-        ("LBFGS", NotImplementedError, r"optimizer_class 'LBFGS' does not run sharded yet"),
-        (torch.optim.LBFGS, NotImplementedError, r"optimizer_class LBFGS does not run sharded yet"),
-        (torch.optim.SparseAdam, NotImplementedError, r"optimizer_class SparseAdam does not run sharded yet"),
     ],
-    ids=["unknown-name", "not-an-optimizer", "lbfgs-name", "LBFGS-name", "lbfgs-class", "sparseadam-class"],
+    ids=["unknown-name", "not-an-optimizer"],
 )
 def test_bad_optimizer_class(optimizer_class: Any, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):

@@ -121,6 +121,7 @@ def run_in_process(flags: list[Any], capsys: pytest.CaptureFixture[str]) -> str:
         (["--opt-arg", "betas=oops"], "--opt-arg betas='oops'"),
         (["--data", "/no/such/path"], "--data /no/such/path: no such file or directory"),
         (["--opt-arg", "nope"], "--opt-arg: expected key=value"),
+        (["--optimizer", "lbfgs"], "--optimizer lbfgs: LBFGS needs a closure"),
     ],
 )
 def test_bad_flags_single_process(flags: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -37,9 +37,6 @@ ALGORITHMS: dict[type[torch.optim.Optimizer], Algorithm] = {
 # element-wise, so shardopt.owned.OwnedOptimizer runs them, each tensor on one owner rank.
 WHOLE_TENSOR: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adafactor, torch.optim.Muon)
 
-# torch.optim algorithms that do not run sharded yet: named so the error can say so.
-NOT_YET_SHARDED = ("LBFGS", "SparseAdam")
-
 
 def whole_tensor_class(optimizer_class: object) -> type[torch.optim.Optimizer] | None:
     """The torch.optim class if ``optimizer_class`` (a class or its case-insensitive name) is one of
@@ -52,29 +49,51 @@ def whole_tensor_class(optimizer_class: object) -> type[torch.optim.Optimizer] |
     return None
 
 
+def is_lbfgs(optimizer_class: object) -> bool:
+    """Whether ``optimizer_class`` is torch.optim.LBFGS or its case-insensitive name: not element-wise
+    (global dot products), so shardopt.lbfgs.ShardedLBFGS runs it."""
+    return optimizer_class is torch.optim.LBFGS or (
+        isinstance(optimizer_class, str) and optimizer_class.lower() == "lbfgs"
+    )
+
+
+def is_sparse_adam(optimizer_class: object) -> bool:
+    """Whether ``optimizer_class`` is torch.optim.SparseAdam or its case-insensitive name: sharded by
+    rows of its sparse gradients, so shardopt.sparse.SparseRowOptimizer runs it."""
+    return optimizer_class is torch.optim.SparseAdam or (
+        isinstance(optimizer_class, str) and optimizer_class.lower() == "sparseadam"
+    )
+
+
 def resolve(optimizer_class: type[torch.optim.Optimizer] | str) -> Algorithm:
     """The algorithm for a torch.optim class or its case-insensitive name ("adamw")."""
-    supported = ", ".join(sorted(cls.__name__ for cls in (*ALGORITHMS, *WHOLE_TENSOR)))
+    supported = ", ".join(
+        sorted(cls.__name__ for cls in (*ALGORITHMS, *WHOLE_TENSOR, torch.optim.LBFGS, torch.optim.SparseAdam))
+    )
     if isinstance(optimizer_class, str):
         by_name = {cls.__name__.lower(): cls for cls in ALGORITHMS}
         name = optimizer_class.lower()
         if name in by_name:
             return ALGORITHMS[by_name[name]]
-        if name in (n.lower() for n in NOT_YET_SHARDED):
-            raise NotImplementedError(
-                f"optimizer_class {optimizer_class!r} does not run sharded yet; supported: {supported}"
-            )
         raise ValueError(
             f"optimizer_class {optimizer_class!r} is not a torch.optim algorithm; choose one of: {supported}"
         )
     if isinstance(optimizer_class, type) and optimizer_class in ALGORITHMS:
         return ALGORITHMS[optimizer_class]
     name = getattr(optimizer_class, "__name__", repr(optimizer_class))
-    if name in NOT_YET_SHARDED:
-        raise NotImplementedError(f"optimizer_class {name} does not run sharded yet; supported: {supported}")
     raise TypeError(
         f"optimizer_class must be a torch.optim algorithm class or its name, got {name}; choose one of: {supported}"
     )
 
 
-__all__ = ["ALGORITHMS", "WHOLE_TENSOR", "Algorithm", "Group", "Slices", "resolve", "whole_tensor_class"]
+__all__ = [
+    "ALGORITHMS",
+    "WHOLE_TENSOR",
+    "Algorithm",
+    "Group",
+    "Slices",
+    "is_lbfgs",
+    "is_sparse_adam",
+    "resolve",
+    "whole_tensor_class",
+]

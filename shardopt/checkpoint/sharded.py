@@ -37,7 +37,6 @@ from ..buffer import ShardedBuffer
 from ..comm import Comm
 from ..layout import Piece
 from ..optimizer import ShardedOptimizer
-from ..owned import OwnedOptimizer
 from . import manifest as manifests
 from .chunks import LoadPlanner, SavePlanner, ShardChunks
 from .encoding import Encoder, decode, restore_device, tensor_keys
@@ -125,10 +124,11 @@ def save(
 
 
 def _refuse_owned(optimizer: Any) -> None:
-    """Adafactor and Muon keep whole tensors' state on owner ranks, which this format does not describe."""
-    if isinstance(optimizer, OwnedOptimizer):
+    """This format describes element ranges of flat buffers: the state of the element-wise algorithms.
+    Adafactor and Muon keep whole tensors' state on owner ranks, SparseAdam rows, LBFGS a history."""
+    if not isinstance(optimizer, ShardedOptimizer):
         raise CheckpointError(
-            "sharded checkpoints of Adafactor/Muon are not supported yet; use optimizer.state_dict() "
+            f"sharded checkpoints of {type(optimizer).__name__} are not supported yet; use optimizer.state_dict() "
             "(torch.optim's format) with torch.save, and optimizer.load_state_dict() to resume"
         )
 

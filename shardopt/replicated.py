@@ -1,0 +1,176 @@
+"""``ReplicatedOptimizer``: what the coordinators that keep every parameter whole on every rank share.
+
+``OwnedOptimizer`` (Adafactor, Muon: state by whole tensors) and ``SparseRowOptimizer``
+(SparseAdam: state by rows) split only the optimizer state; parameters stay whole and
+replicated, as under DDP. They share construction (torch's keyword validation, the check that
+every rank builds alike, the broadcast of the initial parameters), the groups' checks, and the
+refusal of a GradScaler they cannot serve yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import fingerprint, groups, owned_comm
+from .comm import Comm, OnGroup
+
+GRAD_REDUCTIONS = ("mean", "sum", None)
+OUR_KEYWORDS = ("process_group", "grad_reduction", "timeout")
+
+
+class ReplicatedOptimizer(OnGroup, torch.optim.Optimizer):
+    """Base class: subclasses place each new group's parameters (:meth:`_place`) and step them."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        torch_class: type[torch.optim.Optimizer],
+        *,
+        process_group: dist.ProcessGroup | None,
+        grad_reduction: str | None,
+        timeout: float | timedelta,
+        kwargs: dict[str, Any],
+    ) -> None:
+        if grad_reduction not in GRAD_REDUCTIONS:
+            raise ValueError(
+                f"grad_reduction must be 'mean', 'sum' or None (gradients already reduced), got {grad_reduction!r}"
+            )
+        defaults = groups.torch_defaults(torch_class, kwargs, OUR_KEYWORDS)
+        self._torch_class = torch_class
+        self._kwargs = kwargs
+        self._comm = Comm(process_group, timeout)
+        self._grad_reduction = grad_reduction
+        self._prepare()
+        torch.optim.Optimizer.__init__(self, params, defaults)
+
+    def _prepare(self) -> None:
+        """Set up what :meth:`_place` fills, before the first group is added."""
+
+    def _place(self, group: dict[str, Any]) -> None:
+        """Decide which rank keeps which state of ``group``'s parameters (checked, the same on every rank)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, as torch.optim does; collective (its parameters are broadcast from rank 0, once
+        every rank is found to add the same parameters and hyper-parameters)."""
+        super().add_param_group(param_group)
+        g = len(self.param_groups) - 1
+        group = self.param_groups[g]
+        try:
+            self._check_group(group, g)
+            opening = [] if g else self._setup_items()
+            fingerprint.check(
+                self._comm, opening + fingerprint.group_items(group, g, groups.describe), f"param group {g}"
+            )
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._place(group)
+        # Every rank must start from the same parameters, as DDP ensures at construction.
+        with torch.no_grad():
+            owned_comm.broadcast_from_first(self._comm, group["params"], "the broadcast of the initial parameters")
+
+    def _setup_items(self) -> list[fingerprint.Item]:
+        """What every rank must construct alike besides the param groups."""
+        name = self._torch_class.__name__
+        return [
+            (f"the algorithm ({name})", fingerprint.stable_hash(name)),
+            (f"grad_reduction ({self._grad_reduction!r})", fingerprint.stable_hash(self._grad_reduction)),
+        ]
+
+    def _check_group(self, group: dict[str, Any], g: int) -> None:
+        # torch's own validation of the group (Muon: 2-D parameters only), without creating state.
+        self._torch_class([dict(group)], **self._kwargs)
+        seen: set[Tensor] = set()
+        for i, param in enumerate(group["params"]):
+            where = groups.describe(group, g, i)
+            if param in seen:
+                raise ValueError(f"{where} appears twice in the group; pass each parameter once")
+            seen.add(param)
+            self._check_param(param, where)
+            if self._comm.world_size > 1 and param.device.type != self._comm.device.type:
+                raise ValueError(
+                    f"{where} is on {param.device} but the process group's backend "
+                    f"({dist.get_backend(self._comm.group)}) communicates {self._comm.device.type} tensors; "
+                    "use NCCL for CUDA parameters and gloo for CPU ones"
+                )
+
+    def _check_param(self, param: Tensor, where: str) -> None:
+        """What this coordinator needs of a parameter beyond torch's own checks."""
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    # ------------------------------------------------------------------ step
+
+    def _begin_step(self, closure: Callable[[], Any] | None) -> tuple[list[Tensor], Any]:
+        """The opening of every step: the closure (if any), then one all-reduce that tells every rank
+        the same parameters with a gradient on some rank, the same error, and the mean loss."""
+        self._refuse_scaler()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self._params()
+        has_loss = loss is not None
+        flags = [float(p.grad is not None) for p in params]
+        wrong = [float(p.grad is not None and self._wrong_gradient(p.grad)) for p in params]
+        value = loss.detach() if isinstance(loss, Tensor) else loss
+        tail = [float(has_loss), float(value) if has_loss else 0.0]
+        agreed = torch.tensor(flags + wrong + tail, dtype=torch.float64, device=self._comm.device)
+        self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()").wait()
+        agreed = agreed.cpu()
+        n, world = len(params), self._comm.world_size
+        if agreed[n : 2 * n].any():
+            raise RuntimeError(self._gradient_error(self._locate(int(agreed[n : 2 * n].nonzero()[0]))))
+        if agreed[2 * n] not in (0, world):
+            raise RuntimeError(
+                f"the closure returned a loss on {int(agreed[2 * n])} of {world} ranks; return one on every rank"
+            )
+        if has_loss and world > 1:
+            mean = agreed[2 * n + 1].item() / world
+            loss = torch.tensor(mean, dtype=loss.dtype, device=loss.device) if isinstance(loss, Tensor) else mean
+        return [p for p, flag in zip(params, agreed[:n].tolist()) if flag > 0], loss
+
+    def _wrong_gradient(self, grad: Tensor) -> bool:
+        """Whether this coordinator refuses ``grad`` (sparse where it takes dense, or the reverse)."""
+        return grad.is_sparse
+
+    def _gradient_error(self, where: str) -> str:
+        return f"{where} has a sparse gradient; {self._torch_class.__name__} does not support sparse gradients"
+
+    def _locate(self, position: int) -> str:
+        """Describe the parameter at ``position`` in the groups' concatenated parameter order."""
+        for g, group in enumerate(self.param_groups):
+            if position < len(group["params"]):
+                return groups.describe(group, g, position)
+            position -= len(group["params"])
+        raise IndexError(position)
+
+    # ------------------------------------------------------------------ loss scaling
+
+    #: torch.amp.GradScaler then calls step() on every rank, where :meth:`_refuse_scaler` raises alike.
+    _step_supports_amp_scaling = True
+
+    def _refuse_scaler(self) -> None:
+        """Raise, on every rank alike, if a GradScaler drives this step: each rank would judge infs on
+        its own gradients and the ranks could disagree about skipping it."""
+        if hasattr(self, "found_inf"):
+            del self.found_inf
+            self.__dict__.pop("grad_scale", None)
+            raise TypeError(unsupported_scaler(self._torch_class.__name__))
+
+
+def unsupported_scaler(name: str) -> str:
+    return (
+        f"a GradScaler cannot drive {name} yet (its ranks would judge infs on their own gradients and could "
+        "disagree about skipping a step); train it in bfloat16 or fp32 without a scaler"
+    )

@@ -1,0 +1,273 @@
+"""``SparseRowOptimizer``: ``torch.optim.SparseAdam`` with each parameter's state sharded by rows.
+
+SparseAdam updates only the rows a sparse gradient names (``nn.Embedding(sparse=True)``), so
+each parameter is cut into N contiguous row ranges (``rows.row_ranges``), one per rank, and a
+rank keeps SparseAdam's state (exp_avg, exp_avg_sq) for its rows only. One step, on every rank::
+
+    closure (if any) -> agree: which parameters have a gradient on any rank, whether one is dense, the loss
+    -> all-gather the entry counts, then each gradient's coalesced indices and values (padded to the most)
+    -> keep the entries in this rank's rows, sum duplicates (divided by N for "mean")
+    -> torch's own sparse_adam on this rank's rows (a view of the parameter) and their state
+    -> all-gather only the rows each owner updated (every rank knows which, from the indices)
+
+No rank ever holds a dense gradient of a table; the bytes exchanged follow the rows the batches
+touched (sparse_exchange.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import _functional
+from torch.optim.optimizer import _to_scalar
+
+from . import algorithms, fingerprint, groups, owned_state, sparse_exchange
+from . import state_dict as state_format
+from .replicated import ReplicatedOptimizer
+from .rows import entries_in, row_ranges, touched_rows
+
+# torch.optim.SparseAdam's own message (torch/optim/sparse_adam.py), so users' handling still works.
+DENSE_GRADIENT_ERROR = "SparseAdam does not support dense gradients, please consider Adam instead"
+STATE_NAMES = ("exp_avg", "exp_avg_sq")
+
+
+class SparseRowOptimizer(ReplicatedOptimizer):
+    """``torch.optim.SparseAdam`` with each parameter's state split by rows (dim 0) across the ranks.
+
+    Args:
+        params: tensors, ``named_parameters()``, or param-group dicts, as torch.optim takes them.
+        optimizer_class: ``torch.optim.SparseAdam`` or its name (the only algorithm it runs).
+        process_group: the data-parallel group; None means the default group, or a world of one
+            when torch.distributed is not initialised.
+        grad_reduction: ``"mean"`` or ``"sum"`` of the ranks' sparse gradients, or None when they
+            are already reduced (the same on every rank).
+        timeout: seconds (or a timedelta) any collective of ours may wait before raising.
+        **kwargs: SparseAdam's keywords (lr, betas, eps, maximize), with torch's defaults and validation.
+
+    ``p.grad`` keeps this rank's own sparse gradient (the reduced one exists only row-sliced, on
+    the rows' owners). Construction, ``step``, ``state_dict``, ``load_state_dict`` and
+    ``add_param_group`` are collective: every rank calls them, in the same order.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        optimizer_class: type[torch.optim.Optimizer] | str = torch.optim.SparseAdam,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        grad_reduction: str | None = "mean",
+        timeout: float | timedelta = 300,
+        **kwargs: Any,
+    ) -> None:
+        if not algorithms.is_sparse_adam(optimizer_class):
+            raise TypeError(
+                "optimizer_class must be torch.optim.SparseAdam (or 'sparseadam'), got "
+                f"{getattr(optimizer_class, '__name__', repr(optimizer_class))}; use ShardedOptimizer for the others"
+            )
+        super().__init__(
+            params,
+            torch.optim.SparseAdam,
+            process_group=process_group,
+            grad_reduction=grad_reduction,
+            timeout=timeout,
+            kwargs=kwargs,
+        )
+
+    def _prepare(self) -> None:
+        self._rows: dict[Tensor, list[range]] = {}  # each parameter's row range per rank
+
+    def _place(self, group: dict[str, Any]) -> None:
+        """Cut each of ``group``'s parameters into one row range per rank."""
+        for param in group["params"]:
+            self._rows[param] = row_ranges(param.shape[0], self._comm.world_size)
+
+    def _check_param(self, param: Tensor, where: str) -> None:
+        if param.dim() == 0:
+            raise ValueError(f"{where} is 0-dimensional; SparseAdam is sharded by rows (dim 0)")
+
+    # ------------------------------------------------------------------ step
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One SparseAdam step on every rank; returns the closure's loss averaged over ranks."""
+        present, loss = self._begin_step(closure)
+        with torch.no_grad():
+            slices = self._own_gradients(present)
+            for group in self.param_groups:
+                self._update(group, slices)
+        return loss
+
+    def _wrong_gradient(self, grad: Tensor) -> bool:
+        return not grad.is_sparse
+
+    def _gradient_error(self, where: str) -> str:
+        return DENSE_GRADIENT_ERROR  # torch's own words (it names no parameter either)
+
+    def _own_gradients(self, present: list[Tensor]) -> dict[Tensor, tuple[Tensor, list[Tensor]]]:
+        """For each parameter with a gradient on some rank: the reduced sparse gradient of this
+        rank's rows, and the rows each rank will update (the same on every rank)."""
+        local = {p: p.grad.coalesce() if p.grad is not None else None for p in present}
+        if self._grad_reduction is None or self._comm.world_size == 1:
+            # Already reduced (or nothing to reduce): every rank sees every entry in its own gradient.
+            everyone = {p: (g.indices(), g.values()) for p, g in local.items() if g is not None}
+        else:
+            everyone = self._exchange(present, local)
+        divide = self._grad_reduction == "mean" and self._comm.world_size > 1
+        slices = {}
+        for param in present:
+            ranges = self._rows[param]
+            if param not in everyone:  # no rank had an entry (empty gradients): SparseAdam skips it
+                indices = torch.zeros(1, 0, dtype=torch.int64, device=param.device)
+                everyone[param] = (indices, param.new_zeros(0, *param.shape[1:]))
+            indices, values = everyone[param]
+            mine, mine_values = entries_in(indices, values, ranges[self.rank])
+            if divide:  # before summing duplicates, as (g_0 + ... + g_N-1) / N adds g_r / N
+                mine_values = mine_values / self._comm.world_size
+            size = (len(ranges[self.rank]), *param.shape[1:])
+            # The indices are in range by construction (entries_in): no invariant check needed.
+            grad = torch.sparse_coo_tensor(mine, mine_values, size, check_invariants=False).coalesce()
+            slices[param] = (grad, touched_rows(indices[0], ranges))
+        return slices
+
+    def _exchange(
+        self, present: list[Tensor], local: dict[Tensor, Tensor | None]
+    ) -> dict[Tensor, tuple[Tensor, Tensor]]:
+        """Collective: every rank's coalesced entries of every present parameter's gradient.
+
+        One all-gather of the counts (entries and sparse dims of every parameter), then two
+        all-gathers per parameter some rank has entries for: its indices and its values.
+        """
+        counts = [g._nnz() if g is not None else 0 for g in local.values()]
+        dims = [g.sparse_dim() if g is not None else 0 for g in local.values()]
+        gathered = sparse_exchange.gather_counts(self._comm, counts + dims)
+        n = len(present)
+        everyone = {}
+        for position, param in enumerate(present):
+            nnz = gathered[:, position].tolist()
+            sparse_dims = {d for d, k in zip(gathered[:, n + position].tolist(), nnz) if k}
+            if not sparse_dims:
+                continue
+            if len(sparse_dims) > 1:
+                raise RuntimeError(
+                    f"the ranks' sparse gradients of a parameter of shape {tuple(param.shape)} have different "
+                    f"sparse dims {sorted(sparse_dims)}; produce them alike on every rank"
+                )
+            sparse_dim = sparse_dims.pop()
+            grad = local[param]
+            if grad is None or grad._nnz() == 0:  # this rank contributes nothing: empty parts of the right shape
+                indices = torch.zeros(sparse_dim, 0, dtype=torch.int64, device=param.device)
+                values = param.new_zeros(0, *param.shape[sparse_dim:])
+            else:
+                indices, values = grad.indices(), grad.values()
+            everyone[param] = sparse_exchange.gather_entries(
+                self._comm, indices, values, nnz, tuple(param.shape[sparse_dim:])
+            )
+        return everyone
+
+    def _update(self, group: dict[str, Any], slices: dict[Tensor, tuple[Tensor, list[Tensor]]]) -> None:
+        """torch's own SparseAdam on this rank's rows of ``group``'s parameters, then the updated
+        rows to every rank."""
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for param in group["params"]:
+            if param not in slices:
+                continue
+            rows = self._rows[param][self.rank]
+            state = self.state[param]
+            if not state:  # as torch creates it, for this rank's rows only
+                state["step"] = 0
+                for name in STATE_NAMES:
+                    state[name] = param.new_zeros(len(rows), *param.shape[1:])
+            state["step"] += 1
+            params.append(param[rows.start : rows.stop])
+            grads.append(slices[param][0])
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        _functional.sparse_adam(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            eps=group["eps"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=_to_scalar(group["lr"]),
+            maximize=group.get("maximize", False),
+        )
+        if self._comm.world_size > 1:
+            for param in group["params"]:
+                if param in slices:
+                    sparse_exchange.gather_rows(self._comm, param, slices[param][1])
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Collective: the full state, in ``torch.optim.SparseAdam.state_dict()``'s format, on every rank.
+
+        Which parameters have state is the same on every rank (they all step them together); one
+        all-gather per parameter with state brings the row shards of exp_avg and exp_avg_sq.
+        """
+        entries: dict[Tensor, dict[str, Any]] = {}
+        for param in self._params():
+            state = self.state.get(param)
+            if not state:
+                continue
+            shards = [state[name] for name in STATE_NAMES]
+            full = sparse_exchange.gather_row_shards(self._comm, shards, self._rows[param])
+            entries[param] = {"step": state["step"], **{name: t.clone() for name, t in zip(STATE_NAMES, full)}}
+        return state_format.pack(self.param_groups, entries)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a dict in torch.optim.SparseAdam's format, from any world size or from plain torch.optim.
+
+        Collective (every rank must load the same dict: one check); each rank then keeps its own
+        rows of the state. Everything is checked before anything changes: a dict for another model
+        raises ValueError naming the first mismatch and leaves this optimizer as it was.
+        """
+        new_groups, states, _ = state_format.unpack(state_dict, self.param_groups, self.defaults)
+        items = fingerprint.loaded_items(new_groups, states, groups.describe)
+        fingerprint.check(self._comm, items, "load_state_dict (every rank must load the same state dict)")
+        for g, group in enumerate(new_groups):
+            for i, param in enumerate(group["params"]):
+                if param in states:
+                    # Shapes only: "meta" tensors allocate nothing.
+                    template = {"step": torch.empty((), device="meta")}
+                    template |= {name: torch.empty(param.shape, device="meta") for name in STATE_NAMES}
+                    owned_state.check_entry(states[param], template, "SparseAdam", groups.describe(group, g, i))
+        self.param_groups[:] = new_groups
+        self.state.clear()
+        for param, entry in states.items():
+            rows = self._rows[param][self.rank]
+            self.state[param] = {"step": int(entry["step"])} | {
+                name: torch.as_tensor(entry[name])[rows.start : rows.stop].to(
+                    dtype=param.dtype, device=param.device, copy=True
+                )
+                for name in STATE_NAMES
+            }
+
+    # ------------------------------------------------------------------ introspection
+
+    def memory_stats(self) -> dict[str, int]:
+        """This rank's bytes: the full parameters every rank holds, its sparse gradients (indices
+        and values), and the optimizer state of its rows (about 1/N of torch.optim's)."""
+        params = self._params()
+        grads = [p.grad for p in params if p.grad is not None and p.grad.is_sparse]
+        return {
+            "param_bytes": sum(p.numel() * p.element_size() for p in params),
+            "grad_bytes": sum(
+                g._indices().numel() * g._indices().element_size() + g._values().numel() * g._values().element_size()
+                for g in grads
+            ),
+            "state_bytes": sum(
+                t.numel() * t.element_size()
+                for entry in self.state.values()
+                for t in entry.values()
+                if isinstance(t, Tensor)
+            ),
+        }
