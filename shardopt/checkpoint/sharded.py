@@ -104,11 +104,8 @@ def save(
     thread while training goes on; the returned future completes when the checkpoint is in
     place (its ``result()`` raises CheckpointError where the save failed).
     """
-    _refuse_owned(optimizer)
     path = pathlib.Path(os.fspath(path))
-    _wait_for_pending(optimizer)
-    optimizer.finish_param_gather()
-    comm = optimizer._comm
+    comm = _settle(optimizer)
     job, error = None, None
     try:
         job = _prepare_save(path, model, optimizer, scheduler, extra)
@@ -123,14 +120,21 @@ def save(
     return writer.executor.submit(_write, job.snapshot(), staging, path, writer.comm)
 
 
-def _refuse_owned(optimizer: Any) -> None:
-    """This format describes element ranges of flat buffers: the state of the element-wise algorithms.
-    Adafactor and Muon keep whole tensors' state on owner ranks, SparseAdam rows, LBFGS a history."""
+def _settle(optimizer: Any) -> Comm:
+    """What a save or load starts with: an optimizer this format describes, its earlier background
+    saves finished (saves and loads keep their order) and its parameter gathers done; its Comm.
+
+    The format describes element ranges of flat buffers: the element-wise algorithms' state.
+    Adafactor and Muon keep whole tensors' state on owner ranks, SparseAdam rows, LBFGS a history.
+    """
     if not isinstance(optimizer, ShardedOptimizer):
         raise CheckpointError(
             f"sharded checkpoints of {type(optimizer).__name__} are not supported yet; use optimizer.state_dict() "
             "(torch.optim's format) with torch.save, and optimizer.load_state_dict() to resume"
         )
+    _wait_for_pending(optimizer)
+    optimizer.finish_param_gather()
+    return optimizer._comm
 
 
 def _prepare_save(
@@ -282,11 +286,8 @@ def load(
     restored. A checkpoint that is incomplete, corrupt or of another model raises
     CheckpointError on every rank, leaving the model and optimizer as they were.
     """
-    _refuse_owned(optimizer)
     path = pathlib.Path(os.fspath(path))
-    _wait_for_pending(optimizer)
-    optimizer.finish_param_gather()
-    comm = optimizer._comm
+    comm = _settle(optimizer)
     restore, error = None, None
     try:
         restore = _prepare_load(path, model, optimizer, scheduler)
