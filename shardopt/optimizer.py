@@ -407,18 +407,24 @@ class ShardedOptimizer(OnGroup, torch.optim.Optimizer):
     def _unscale_for_scaler(self, inv_scale: Tensor, found_inf: Tensor) -> dict[torch.device, Tensor]:
         """Collective: what ``GradScaler._unscale_grads_`` does for a torch.optim optimizer, on the
         reduced gradients: multiply them by ``inv_scale`` and report inf/NaN, agreed by every rank."""
-        with torch.no_grad():
-            try:
-                if self._reduced is None:
-                    self._reduced = self._reduce(None)
-                found = self._nonfinite(self._reduced, inv_scale)
-            except BaseException:
-                self._reduced = None
-                self._reducer.reset()
-                raise
+        with torch.no_grad(), self._reduced_early() as reduced:
+            found = self._nonfinite(reduced, inv_scale)
         self._scaler_checked = True
         agreed = found.to(found_inf.device)
         return {agreed.device: agreed}
+
+    @contextlib.contextmanager
+    def _reduced_early(self) -> Iterator[_Reduced]:
+        """The gradients reduced ahead of step() (by clip_grad_norm_ or a GradScaler), reducing them
+        now if nothing did yet; an error inside the block forgets them, as a failed step() does."""
+        try:
+            if self._reduced is None:
+                self._reduced = self._reduce(None)
+            yield self._reduced
+        except BaseException:
+            self._reduced = None
+            self._reducer.reset()
+            raise
 
     def _reduce(self, loss: Any) -> _Reduced:
         """The first half of a step: this rank's shards of the mean gradient, and what the ranks agree on."""
@@ -443,21 +449,14 @@ class ShardedOptimizer(OnGroup, torch.optim.Optimizer):
         if not (norm_type == math.inf or 0 < norm_type < math.inf):
             raise ValueError(f"norm_type must be a positive number or math.inf, got {norm_type!r}")
         with torch.no_grad():
-            try:
-                if self._reduced is None:
-                    self._reduced = self._reduce(None)
-            except BaseException:
-                self._reduced = None
-                self._reducer.reset()
-                raise
-            shards = [
-                (buffer.full_grad if self._stage == 1 else shard, shard)
-                for buffer, shard in zip(self._buffers, self._reduced.grad_shards)
-            ]
+            # Only a failed reduction forgets the gradients: a refused clip (error_if_nonfinite)
+            # leaves them for step(), as torch's leaves p.grad.
+            with self._reduced_early() as reduced:
+                pass
             # Each rank holds a disjoint slice of every buffer: the p-th powers of its elements (or,
             # for the inf-norm, their largest magnitude) summed over the ranks cover each element once.
             local = torch.zeros((), dtype=torch.float64, device=self._comm.device)
-            for _, shard in shards:
+            for shard in reduced.grad_shards:
                 if shard.numel():
                     magnitude = shard.detach().abs().double()
                     part = magnitude.max() if norm_type == math.inf else magnitude.pow(norm_type).sum()
@@ -473,11 +472,7 @@ class ShardedOptimizer(OnGroup, torch.optim.Optimizer):
                     "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
                     "anyway, set `error_if_nonfinite=False`"
                 )
-            coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-            for scaled, _ in shards:
-                scaled.mul_(coefficient.to(scaled.dtype))
-            for buffer in self._buffers:
-                buffer.refresh_grads()
+            self._scale_grads(reduced, torch.clamp(max_norm / (total + 1e-6), max=1.0))
         return total
 
     @contextlib.contextmanager
