@@ -38,27 +38,50 @@ NATIVE_FUSED = ("Adam", "AdamW", "SGD", "Adagrad")
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    return interleaved_medians([fn], repeats, warmup)[0]
+
+
+def interleaved_medians(fns: list[Callable[[], Any]], repeats: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each function, timed in turns: each round runs every function once, so a
+    change in the machine's load (other processes, frequency) falls on all of them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, seconds in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - start)
+    return [statistics.median(seconds) for seconds in times]
 
 
-def stream_bandwidth(numel: int, repeats: int) -> float:
-    """Bytes per second of STREAM-style kernels over ``numel`` fp32 elements, in place.
+class Stream:
+    """STREAM-style probes over ``numel`` fp32 elements, in place, for bytes per second.
 
     An optimizer writes every tensor it reads in place, so the probes do too: an
     out-of-place triad also pays for write-allocate traffic that it does not count,
     and would understate the bandwidth an in-place update can reach. The best probe wins.
     """
-    a, b, c = (torch.rand(numel) for _ in range(3))
-    add = 3 * 4 * numel / median_seconds(lambda: a.add_(b, alpha=0.5), repeats)
-    addcmul = 4 * 4 * numel / median_seconds(lambda: a.addcmul_(b, c, value=0.5), repeats)
-    return max(add, addcmul)
+
+    def __init__(self, numel: int) -> None:
+        self.numel = numel
+        self.a, self.b, self.c = (torch.rand(numel) for _ in range(3))
+
+    def probes(self) -> list[tuple[int, Callable[[], Any]]]:
+        """(bytes moved, function) of each probe."""
+        a, b, c = self.a, self.b, self.c
+        return [
+            (3 * 4 * self.numel, lambda: a.add_(b, alpha=0.5)),
+            (4 * 4 * self.numel, lambda: a.addcmul_(b, c, value=0.5)),
+        ]
+
+    def bandwidth_beside(self, fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+        """(median seconds of ``fn``, bandwidth in bytes per second) with the probes timed in
+        turns with ``fn``: the roofline each update is held to is the machine's at that moment."""
+        probes = self.probes()
+        seconds = interleaved_medians([fn] + [probe for _, probe in probes], repeats)
+        return seconds[0], max(moved / s for (moved, _), s in zip(probes, seconds[1:]))
 
 
 def bytes_per_element(optimizer: torch.optim.Optimizer) -> int:
@@ -82,8 +105,10 @@ def time_torch(torch_class: type, params: list[torch.nn.Parameter], impl: str, r
     return median_seconds(optimizer.step, repeats)
 
 
-def time_shardopt(torch_class: type, params: list[torch.nn.Parameter], repeats: int) -> tuple[float, float, int]:
-    """(update seconds, step seconds, bytes per element) at N=1."""
+def time_shardopt(
+    torch_class: type, params: list[torch.nn.Parameter], repeats: int, stream: Stream
+) -> tuple[float, float, int, float]:
+    """(update seconds, step seconds, bytes per element, bandwidth beside the update) at N=1."""
     optimizer = shardopt.ShardedOptimizer(params, torch_class, lr=1e-4, **KEYWORDS.get(torch_class.__name__, {}))
     grads = [torch.randn_like(p) for p in params]
 
@@ -93,8 +118,8 @@ def time_shardopt(torch_class: type, params: list[torch.nn.Parameter], repeats: 
         optimizer.step()
 
     step_seconds = median_seconds(step, repeats)
-    update_seconds = median_seconds(lambda: time_update(optimizer), repeats)
-    return update_seconds, step_seconds, bytes_per_element(optimizer)
+    update_seconds, bandwidth = stream.bandwidth_beside(lambda: time_update(optimizer), repeats)
+    return update_seconds, step_seconds, bytes_per_element(optimizer), bandwidth
 
 
 def time_update(optimizer: shardopt.ShardedOptimizer) -> None:
@@ -138,7 +163,8 @@ def main() -> None:
     parser.add_argument("--name", default="step_throughput", help="results file name, without extension")
     args = parser.parse_args()
     numel, threads = int(args.numel), torch.get_num_threads()
-    bandwidth = stream_bandwidth(numel, args.repeats)
+    stream = Stream(numel)
+    bandwidths = []
     # Each rank of the N=2 world runs with half of this process's threads, as two ranks share the machine.
     per_rank = [run_world(per_rank_update, n, numel, args.tensors, args.repeats, timeout=3600) for n in (1, 2)]
     rows = []
@@ -148,7 +174,9 @@ def main() -> None:
         torch_seconds = {
             impl: time_torch(torch_class, make_params(numel, args.tensors), impl, args.repeats) for impl in impls
         }
-        update, step, moved = time_shardopt(torch_class, make_params(numel, args.tensors), args.repeats)
+        params = make_params(numel, args.tensors)
+        update, step, moved, bandwidth = time_shardopt(torch_class, params, args.repeats, stream)
+        bandwidths.append(bandwidth)
         n1 = per_rank[0][0][name][0]
         n2, n2_alone = (max(rank[name][i] for rank in per_rank[1]) for i in (0, 1))
         best = min(torch_seconds.values())
@@ -159,6 +187,7 @@ def main() -> None:
                 "shardopt update (ms)": 1e3 * update,
                 "shardopt step (ms)": 1e3 * step,
                 "update speed-up vs best torch": best / update,
+                "STREAM beside it (GB/s)": bandwidth / 1e9,
                 "roofline (ms)": 1e3 * moved * numel / bandwidth,
                 "% of roofline": 100 * (moved * numel / bandwidth) / update,
                 "N=2/N=1 update per rank (1 thread)": n2 / n1,
@@ -168,7 +197,9 @@ def main() -> None:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     header = (
         f"{numel:,} fp32 parameters in {args.tensors} tensors; {platform.machine()}, {os.cpu_count()} cores, "
-        f"{threads} torch threads, torch {torch.__version__}; in-place STREAM bandwidth {bandwidth / 1e9:.1f} GB/s; "
+        f"{threads} torch threads, torch {torch.__version__}; in-place STREAM bandwidth "
+        f"{min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f} GB/s, "
+        "timed in turns with each update; "
         f"shardopt path: {'compiled where not native' if os.environ.get(kernels.COMPILE_ENV) != '0' else 'eager'}."
     )
     lines = [header, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
