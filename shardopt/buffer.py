@@ -11,7 +11,7 @@ from .layout import BufferLayout
 # Parameter dtypes that get fp32 master weights (``master_weights``).
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-# What a parameter's .grad held when its buffer was flattened.
+# What a parameter's .grad held when its buffer was flattened; bits, as a reduction may take both kinds.
 NO_GRAD, DENSE, SPARSE = 0, 1, 2
 
 
@@ -133,7 +133,7 @@ class ShardedBuffer:
         made follow it (views already do)."""
         if self.full_grad is not None and self.grad_dtype != self.flat.dtype:
             for slot, param in zip(self.layout.slots, self.params):
-                if param.grad is not None:
+                if grad_code(param.grad) == DENSE:  # a sparse one is this rank's own
                     param.grad.copy_(self.full_grad[slot.span.slice].view(slot.shape))
 
     def publish_master(self) -> None:

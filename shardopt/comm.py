@@ -2,7 +2,8 @@
 
 Every collective is issued asynchronously and waited with ``timeout``, so a rank
 that dies or stops calling collectives turns into an error on the others instead
-of a hang as long as the process group's own timeout (30 minutes by default).
+of a hang as long as the process group's own timeout (30 minutes by default). The
+error names the ranks that did not answer, from the phase board (``phases.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from . import fingerprint
+from .phases import CONSTRUCTION, TOGETHER, Phase, PhaseBoard
 
 # From this many elements on, gloo all-gathers faster as an all-reduce (measured: see Comm.__init__).
 ALL_GATHER_VIA_ALL_REDUCE_NUMEL = 1 << 22
@@ -37,18 +41,22 @@ class Comm:
 
     def __init__(self, process_group: dist.ProcessGroup | None, timeout: float | timedelta) -> None:
         self.timeout = as_timedelta(timeout)
-        #: Where the caller is (``"step() call 7"``), for the error a collective that never completes raises.
-        self.phase = ""
+        #: The last collective call of the optimizer this rank entered, and whether it is still inside it.
+        self.phase, self.inside = Phase(0, 0, CONSTRUCTION), True
+        self._failed: RuntimeError | None = None  # the first collective of ours that did not complete
         if process_group is None and dist.is_available() and dist.is_initialized():
             process_group = dist.group.WORLD
         self.group = process_group
         if process_group is None:
             self.rank, self.world_size, self._via_all_reduce = 0, 1, False
+            self._board = PhaseBoard(None, 0, 1)
             return
         self.rank = dist.get_rank(process_group)
         if self.rank < 0:
             raise ValueError("process_group does not include this rank: create the optimizer only on its members")
         self.world_size = dist.get_world_size(process_group)
+        self._board = PhaseBoard(process_group, self.rank, self.world_size)
+        self._board.post(self.phase)
         # gloo's reduce-scatter and large all-gathers are slower than its all-reduce of the whole
         # buffer (2 ranks on loopback: 1M floats reduce-scatter 14.8 ms vs all-reduce 6.5 ms; 8M floats
         # all-gather 91 ms vs 55 ms through an all-reduce of the zero-filled buffer; 2M floats 8.9 vs
@@ -63,21 +71,64 @@ class Comm:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
+    @property
+    def steps(self) -> int:
+        """The step() calls this rank has entered."""
+        return self.phase.steps
+
+    def enter(self, call: str, *, step: bool = False) -> None:
+        """This rank enters the collective call ``call`` ("step()", "state_dict()", ...): it posts it on
+        the phase board, where ranks whose collectives it fails to join will read it."""
+        self.phase, self.inside = Phase(self.phase.calls + 1, self.phase.steps + step, call), True
+        self._board.post(self.phase)
+
+    def leave(self) -> None:
+        """The call entered last has returned (errors of collectives waited later say "after" it)."""
+        self.inside = False
+
+    def agree(self) -> None:
+        """Collective: check that every rank is in the call this rank entered last, after as many
+        step() calls; DesyncError if not, an error naming the ranks that never come after the timeout.
+
+        The board is read before any collective: a rank in another call (one more step()) would
+        otherwise pair its collectives with these. The fingerprint check that follows is the same
+        test where the board cannot be read, and a collective every rank leaves this call by.
+        """
+        if self.world_size == 1:
+            return
+        self._board.gather(self.phase, self.timeout, lambda story: self._failure("the agreement", story, None))
+        steps = self.phase.steps
+        item = (f"the number of step() calls ({steps} on this rank)", fingerprint.stable_hash(steps))
+        fingerprint.check(self, [item], str(self.phase))
+
+    def _failure(self, what: str, story: str, error: BaseException | None, desync: bool = False) -> RuntimeError:
+        """The error of a collective ``what`` this rank could not complete; ``story`` tells why."""
+        where = f" ({'' if self.inside else 'after '}{self.phase})" if self.phase.calls else ""
+        cause = f" ({type(error).__name__}: {error})" if error is not None else ""
+        return (fingerprint.DesyncError if desync else RuntimeError)(
+            f"shardopt: {what}{where} on rank {self.rank} of {self.world_size} did not complete (the timeout is "
+            f"{self.timeout.total_seconds():g} s): {story}; {TOGETHER}{cause}"
+        )
+
     def _issue(self, work: dist.Work | None, what: str, then: Callable[[], None] | None = None) -> Pending:
         return Pending(self, work, what, then)
 
     def wait(self, work: dist.Work | None, what: str) -> None:
         """Wait for ``work``, raising a clear error if it does not complete within the timeout."""
+        if work is not None and self._failed is not None:
+            # Collectives issued before a failure (other buckets of the step) would each wait out the
+            # timeout again, to end in the same error: it comes at once instead.
+            raise type(self._failed)(str(self._failed)) from self._failed
         try:
             if work is not None and not work.wait(self.timeout):
                 raise RuntimeError("the wait returned without completing")
         except RuntimeError as error:
-            where = f" ({self.phase})" if self.phase else ""
-            raise RuntimeError(
-                f"shardopt: {what}{where} on rank {self.rank} of {self.world_size} did not complete (the timeout is "
-                f"{self.timeout.total_seconds():g} s): another rank has died, is stuck, or did not make the "
-                f"same call (every rank must call step(), state_dict() and load_state_dict() together): {error}"
-            ) from error
+            survey = self._board.survey(self.phase)
+            if isinstance(survey, str):  # the board could not be read
+                self._failed = self._failure(what, survey, error)
+            else:
+                self._failed = self._failure(what, survey.explain(), error, desync=bool(survey.astray))
+            raise self._failed from error
 
     def all_reduce_(self, tensor: Tensor, what: str, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Pending:
         """Every rank: ``tensor`` becomes the element-wise reduction of all ranks' ``tensor``."""

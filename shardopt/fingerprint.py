@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import Comm
+if TYPE_CHECKING:  # comm.py imports this module
+    from .comm import Comm
 
 Item = tuple[str, int]
 

@@ -39,6 +39,12 @@ from .lbfgs_search import strong_wolfe
 VECTORS = ("d", "prev_flat_grad")
 VECTOR_LISTS = ("old_dirs", "old_stps")
 
+SCALER_REFUSAL = (
+    "a GradScaler cannot drive LBFGS: its step() re-evaluates the closure, which torch.amp.GradScaler does "
+    "not support either ('Closure use is not currently supported if GradScaler is enabled'); train LBFGS "
+    "in float32 or bfloat16 without a scaler"
+)
+
 
 class Gradient(NamedTuple):
     """This rank's slice of the mean gradient, and the global max and sum of its absolute values."""
@@ -133,12 +139,21 @@ class ShardedLBFGS(OnGroup, torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
 
+    #: torch.amp.GradScaler then calls step() on every rank (rather than skipping it on the ranks
+    #: that saw an inf in their own gradients), where the refusal is raised alike.
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
         """One LBFGS step, torch's sequence of iterations; returns the first closure value averaged
         over ranks. The comments are torch's; the changes are the sharded dot products."""
+        if hasattr(self, "found_inf"):  # set by torch.amp.GradScaler.step for this call
+            del self.found_inf
+            self.__dict__.pop("grad_scale", None)
+            raise TypeError(SCALER_REFUSAL)
         if len(self.param_groups) != 1:
             raise AssertionError(f"Expected exactly one param_group, but got {len(self.param_groups)}")
+        self._comm.enter("step()", step=True)
         group = self.param_groups[0]
         lr = _to_scalar(group["lr"])
         max_iter = group["max_iter"]
@@ -282,14 +297,23 @@ class ShardedLBFGS(OnGroup, torch.optim.Optimizer):
 
         state["d"] = d
         state["t"] = t
-        state["old_dirs"] = history.dirs
-        state["old_stps"] = history.stps
-        state["ro"] = history.ro
+        # No history yet when no iteration ran (max_iter <= 0): torch keeps None then.
+        state["old_dirs"] = history.dirs if history is not None else None
+        state["old_stps"] = history.stps if history is not None else None
+        state["ro"] = history.ro if history is not None else None
         state["H_diag"] = h_diag
         state["prev_flat_grad"] = prev_flat_grad
         state["prev_loss"] = prev_loss
 
         return orig_loss
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
+        """Refused on every rank (no communication): LBFGS's gradients are not the user's to clip."""
+        raise RuntimeError(
+            "clip_grad_norm_ is not supported for LBFGS: step() evaluates the closure several times and the "
+            "line search and curvature history need each evaluation's true gradient (torch.optim.LBFGS is not "
+            "used with clipping either); bound its steps with lr, max_iter or line_search_fn='strong_wolfe'"
+        )
 
     def _directional_evaluate(
         self, closure: Callable[[], Any], x: list[Tensor], t: Any, full_d: Tensor, d: Tensor
@@ -311,13 +335,16 @@ class ShardedLBFGS(OnGroup, torch.optim.Optimizer):
         if entry:
             sliced = []  # in the entry's key order, as they are taken back below
             for key, value in entry.items():
-                sliced += [value] if key in VECTORS else value if key in VECTOR_LISTS else []
+                if _sliced(key, value, VECTORS):
+                    sliced.append(value)
+                elif _sliced(key, value, VECTOR_LISTS):
+                    sliced += value
             full = iter(self._flat.gather(sliced, "the all-gather of the LBFGS state"))
             packed: dict[str, Any] = {}
             for key, value in entry.items():
-                if key in VECTORS:
+                if _sliced(key, value, VECTORS):
                     packed[key] = next(full).clone()
-                elif key in VECTOR_LISTS:
+                elif _sliced(key, value, VECTOR_LISTS):
                     packed[key] = [next(full).clone() for _ in value]
                 elif isinstance(value, list):
                     packed[key] = [v.clone() if isinstance(v, Tensor) else v for v in value]
@@ -339,19 +366,34 @@ class ShardedLBFGS(OnGroup, torch.optim.Optimizer):
         entry = states.get(self._params[0]) if self._params else None
         loaded: dict[str, Any] = {}
         for key, value in (entry or {}).items():
-            if key in VECTORS:
+            if _sliced(key, value, VECTORS):
                 loaded[key] = self._cut(value, key)
-            elif key in VECTOR_LISTS:
+            elif _sliced(key, value, VECTOR_LISTS):
                 loaded[key] = [self._cut(v, key) for v in value]
             elif isinstance(value, list):
                 loaded[key] = [self._cast(v) for v in value]
             else:
                 loaded[key] = self._cast(value)
+        self._restore_state(new_groups, loaded)
+
+    def _gram(self) -> tuple[Tensor, Tensor] | None:
+        """The history's Gram matrices S^T Y and Y^T Y (the same on every rank); None without pairs."""
+        return (self._history.sy, self._history.yy) if self._history is not None and self._history.dirs else None
+
+    def _restore_state(
+        self, new_groups: list[dict[str, Any]], loaded: dict[str, Any], gram: tuple[Tensor, Tensor] | None = None
+    ) -> None:
+        """Collective: install checked param groups and this rank's state (its slices of the vectors,
+        zero-padded to the slice length). Without the saved ``gram`` (``_gram()``), one exchange
+        rebuilds the Gram matrices of the history (equal to the saved ones to rounding only)."""
         history = None
-        if "old_dirs" in loaded:
+        if loaded.get("old_dirs") is not None:
             history = History(loaded["old_dirs"], loaded["old_stps"], loaded["ro"], self._flat.dtype)
-            sums = self._flat.rows(history.gram_partials(), "the exchange of the loaded LBFGS Gram matrices")
-            history.set_gram(sums.sum(0))
+            if gram is None:
+                sums = self._flat.rows(history.gram_partials(), "the exchange of the loaded LBFGS Gram matrices")
+                history.set_gram(sums.sum(0))
+            else:
+                history.sy, history.yy = gram
         self.param_groups[:] = new_groups
         self._params = new_groups[0]["params"]
         self.state.clear()
@@ -391,3 +433,8 @@ class ShardedLBFGS(OnGroup, torch.optim.Optimizer):
             "grad_bytes": sum(p.numel() * p.element_size() for p in self._params if p.requires_grad),
             "state_bytes": state_bytes + (self._history.nbytes() if self._history else 0),
         }
+
+
+def _sliced(key: str, value: Any, keys: tuple[str, ...]) -> bool:
+    """Whether state ``key`` is one of ``keys`` and holds vectors (None before any iteration ran)."""
+    return key in keys and value is not None

@@ -24,11 +24,12 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import algorithms, fingerprint, groups, kernels
+from . import algorithms, fingerprint, groups, kernels, sparse_grads
 from . import state_dict as state_format
 from .algorithms import Slices
 from .buffer import ShardedBuffer
 from .comm import Comm, OnGroup
+from .grad_checks import GradChecks
 from .layout import ParamSpec, Span, plan_buffers, runs
 from .lbfgs import ShardedLBFGS
 from .owned import OwnedOptimizer
@@ -65,7 +66,7 @@ def _takes(torch_class: type[torch.optim.Optimizer], keyword: str) -> bool:
     return keyword in inspect.signature(torch_class.__init__).parameters
 
 
-class ShardedOptimizer(OnGroup, torch.optim.Optimizer):
+class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
     """A ``torch.optim`` algorithm whose state is sharded across the ranks of a process group.
 
     Args:
@@ -184,7 +185,6 @@ class ShardedOptimizer(OnGroup, torch.optim.Optimizer):
         self._reduce_dtype = reduce_dtype
         self._skip_nonfinite = skip_nonfinite
         self._verify_every = verify_every
-        self._steps_called = 0
         #: Steps skipped because the gradient was not finite (``skip_nonfinite``, or a GradScaler).
         self.skipped_steps = 0
         self._scaler_checked = False  # shardopt.GradScaler looked at this step's gradients
@@ -301,17 +301,13 @@ class ShardedOptimizer(OnGroup, torch.optim.Optimizer):
         """One optimizer step on every rank; returns the closure's loss averaged over ranks."""
         loss = None
         if closure is not None:
-            if self._reduced is not None:
-                raise RuntimeError(
-                    "step(closure) recomputes the gradients that clip_grad_norm_() already reduced and clipped; "
-                    "call clip_grad_norm_() inside the closure, after backward, or step() without a closure"
-                )
+            self._refuse_closure_after_reduction(closure)
             with torch.enable_grad():
                 loss = closure()
-        self._steps_called += 1
-        self._comm.phase = f"step() call {self._steps_called}"
-        if self._verify_every and self._steps_called % self._verify_every == 0:
-            fingerprint.check(self._comm, self._items(), f"step() call {self._steps_called} (verify_every)")
+        self._comm.enter("step()", step=True)
+        if self._verify_every and self._comm.steps % self._verify_every == 0:
+            self._comm.agree()
+            fingerprint.check(self._comm, self._items(), f"step() call {self._comm.steps} (verify_every)")
         with torch.no_grad():
             try:
                 reduced = self._reduced or self._reduce(loss)
@@ -339,31 +335,14 @@ class ShardedOptimizer(OnGroup, torch.optim.Optimizer):
                 self._reduced = None
                 self._scaler_checked = False
                 self._reducer.reset()
-                self._comm.phase = ""
+                self._comm.leave()
         return reduced.loss
-
-    #: torch.amp.GradScaler hands ``grad_scale`` and ``found_inf`` to step() rather than skipping
-    #: it itself, so that every rank decides alike (see :class:`shardopt.GradScaler`).
-    _step_supports_amp_scaling = True
 
     def _skips(self, reduced: _Reduced) -> bool:
         """Whether this step is skipped, the same on every rank; unscales the gradients a GradScaler scaled."""
-        if hasattr(self, "found_inf"):  # set by torch.amp.GradScaler.step for this call
-            if not self._scaler_checked:
-                # torch's scaler removes these after a step that returns; this one raises.
-                del self.found_inf
-                self.__dict__.pop("grad_scale", None)
-                raise TypeError(
-                    "torch.amp.GradScaler cannot see a ShardedOptimizer's gradients (they live in shards, and "
-                    "each rank would decide alone whether to skip the step); use shardopt.GradScaler, a drop-in "
-                    "subclass of it"
-                )
-            if float(self.found_inf):
-                return True
-            grad_scale = getattr(self, "grad_scale", None)
-            if grad_scale is not None:
-                self._scale_grads(reduced, grad_scale.double().reciprocal().float())
-            return False
+        scaler_skips = self._scaler_skips(reduced)
+        if scaler_skips is not None:
+            return scaler_skips
         if self._skip_nonfinite:
             return bool(self._nonfinite(reduced))
         if not self._warned_fp16 and any(b.flat.dtype == torch.float16 for b in self._buffers):
@@ -380,100 +359,32 @@ class ShardedOptimizer(OnGroup, torch.optim.Optimizer):
         it, or copies kept in step), stage 2 the shard."""
         return [b.full_grad if self._stage == 1 else s for b, s in zip(self._buffers, reduced.grad_shards)]
 
-    def _scale_grads(self, reduced: _Reduced, factor: Tensor) -> None:
-        for tensor in self._grad_tensors(reduced):
-            tensor.mul_(factor.to(tensor.device, tensor.dtype))
+    def _norm_tensors(self, reduced: _Reduced) -> list[Tensor]:
+        return reduced.grad_shards  # each rank's shards are disjoint slices of the buffers
+
+    def _norm_like(self) -> tuple[torch.dtype, torch.device]:
+        if not self._buffers:
+            return torch.float32, torch.device("cpu")
+        return self._buffers[0].master_shard.dtype, self._buffers[0].flat.device
+
+    def _grads_changed(self) -> None:
         for buffer in self._buffers:
             buffer.refresh_grads()
 
-    def _nonfinite(self, reduced: _Reduced, inv_scale: Tensor | None = None) -> Tensor:
-        """Collective: 1.0 if any rank's reduced gradient holds an inf or NaN, else 0.0 (float32, on
-        the process group's device); with ``inv_scale``, the gradients are multiplied by it too."""
-        found = torch.zeros((), dtype=torch.float32, device=self._comm.device)
-        by_dtype: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for tensor in self._grad_tensors(reduced):
-            by_dtype.setdefault((tensor.device, tensor.dtype), []).append(tensor)
-        for (device, _), tensors in by_dtype.items():
-            local = torch.zeros((), dtype=torch.float32, device=device)
-            scale = torch.ones((), device=device) if inv_scale is None else inv_scale.to(device)
-            torch._amp_foreach_non_finite_check_and_unscale_(tensors, local, scale)
-            found = torch.maximum(found, local.to(found.device))
-        if inv_scale is not None:
-            for buffer in self._buffers:
-                buffer.refresh_grads()
-        self._comm.all_reduce_(found, "the agreement on non-finite gradients", op=dist.ReduceOp.MAX).wait()
-        return found
-
-    def _unscale_for_scaler(self, inv_scale: Tensor, found_inf: Tensor) -> dict[torch.device, Tensor]:
-        """Collective: what ``GradScaler._unscale_grads_`` does for a torch.optim optimizer, on the
-        reduced gradients: multiply them by ``inv_scale`` and report inf/NaN, agreed by every rank."""
-        with torch.no_grad(), self._reduced_early() as reduced:
-            found = self._nonfinite(reduced, inv_scale)
-        self._scaler_checked = True
-        agreed = found.to(found_inf.device)
-        return {agreed.device: agreed}
-
-    @contextlib.contextmanager
-    def _reduced_early(self) -> Iterator[_Reduced]:
-        """The gradients reduced ahead of step() (by clip_grad_norm_ or a GradScaler), reducing them
-        now if nothing did yet; an error inside the block forgets them, as a failed step() does."""
-        try:
-            if self._reduced is None:
-                self._reduced = self._reduce(None)
-            yield self._reduced
-        except BaseException:
-            self._reduced = None
-            self._reducer.reset()
-            raise
+    def _forget_reduced(self) -> None:
+        self._reduced = None
+        self._reducer.reset()
 
     def _reduce(self, loss: Any) -> _Reduced:
         """The first half of a step: this rank's shards of the mean gradient, and what the ranks agree on."""
         self._gathers.wait_all()  # the update writes the shards the last step's gathers read
         self._reducer.launch_remaining()
-        has_grad, late, loss = self._agree(loss)
+        has_grad, sparse, late, loss = self._agree(loss)
         self._reducer.launch_late(late)
         shards = [self._reducer.reduced_shard(index) for index in range(len(self._buffers))]
+        if sparse.any():
+            self._reducer.add_sparse(sparse.tolist(), shards)
         return _Reduced(has_grad, shards, loss)
-
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
-        """``torch.nn.utils.clip_grad_norm_`` of the mean gradient, over every parameter of this optimizer.
-
-        Collective; call it between backward and ``step()``. It reduces the gradients (the first
-        half of ``step()``, which then only updates), computes the total norm from the shards with
-        one all-reduce and scales the shards by ``max_norm / (norm + 1e-6)`` where that is below 1.
-        Returns the total norm, as torch does; at stage 1 ``p.grad`` holds the clipped mean gradient.
-        """
-        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm >= 0:
-            raise ValueError(f"max_norm must be a number >= 0, got {max_norm!r}")
-        norm_type = float(norm_type)
-        if not (norm_type == math.inf or 0 < norm_type < math.inf):
-            raise ValueError(f"norm_type must be a positive number or math.inf, got {norm_type!r}")
-        with torch.no_grad():
-            # Only a failed reduction forgets the gradients: a refused clip (error_if_nonfinite)
-            # leaves them for step(), as torch's leaves p.grad.
-            with self._reduced_early() as reduced:
-                pass
-            # Each rank holds a disjoint slice of every buffer: the p-th powers of its elements (or,
-            # for the inf-norm, their largest magnitude) summed over the ranks cover each element once.
-            local = torch.zeros((), dtype=torch.float64, device=self._comm.device)
-            for shard in reduced.grad_shards:
-                if shard.numel():
-                    magnitude = shard.detach().abs().double()
-                    part = magnitude.max() if norm_type == math.inf else magnitude.pow(norm_type).sum()
-                    local = torch.maximum(local, part) if norm_type == math.inf else local + part
-            op = dist.ReduceOp.MAX if norm_type == math.inf else dist.ReduceOp.SUM
-            self._comm.all_reduce_(local, "the all-reduce of the gradient norm", op=op).wait()
-            dtype = self._buffers[0].master_shard.dtype if self._buffers else torch.float32
-            device = self._buffers[0].flat.device if self._buffers else torch.device("cpu")
-            total = (local if norm_type == math.inf else local.pow(1 / norm_type)).to(dtype=dtype, device=device)
-            if error_if_nonfinite and not torch.isfinite(total):
-                raise RuntimeError(
-                    f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
-                    "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
-                    "anyway, set `error_if_nonfinite=False`"
-                )
-            self._scale_grads(reduced, torch.clamp(max_norm / (total + 1e-6), max=1.0))
-        return total
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -513,29 +424,26 @@ class ShardedOptimizer(OnGroup, torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's; also drops gradient already handed to an unfinished reduction."""
-        self._reduced = None
-        self._reducer.reset()
+        self._forget_reduced()
         super().zero_grad(set_to_none)
 
-    def _agree(self, loss: Any) -> tuple[Tensor, list[bool], Any]:
-        """One all-reduce: which parameters have a gradient on some rank, which have a bad one,
-        which buffers need a second reduction round, the mean loss.
+    def _agree(self, loss: Any) -> tuple[Tensor, Tensor, list[bool], Any]:
+        """One all-reduce: which parameters have a gradient on some rank, which a sparse one (or a bad
+        one), which buffers need a second reduction round, the mean loss.
 
         Before: each rank knows its own gradients and loss. After: every rank knows the
         same flags, raises the same error, and holds the same mean loss.
         """
-        has_grad, sparse, late = self._reducer.local_flags()
+        dense, sparse, late = self._reducer.local_flags()
         stray = torch.tensor([float(p.grad is not None) for _, _, p in self._unsharded], dtype=torch.float64)
         has_loss = loss is not None
         tail = torch.tensor([float(has_loss), float(loss) if has_loss else 0.0], dtype=torch.float64)
-        agreed = torch.cat([has_grad, sparse, late, stray, tail]).to(self._comm.device)
+        agreed = torch.cat([dense, sparse, late, stray, tail]).to(self._comm.device)
         self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()").wait()
-        has_grad, sparse, late, stray, tail = agreed.cpu().split([len(has_grad), len(sparse), len(late), len(stray), 2])
-        if sparse.any():
-            raise RuntimeError(
-                f"{self._locate(int(sparse.nonzero()[0]))} has a sparse gradient; "
-                f"{self._algorithm.torch_class.__name__} takes dense gradients"
-            )
+        dense, sparse, late, stray, tail = agreed.cpu().split([len(dense), len(sparse), len(late), len(stray), 2])
+        known = self._reducer.known_sparse()
+        if sparse.any() or known is not None:
+            self._refuse_sparse(dense, sparse, known)
         if stray.any():
             g, i, _ = self._unsharded[int(stray.nonzero()[0])]
             raise RuntimeError(
@@ -551,14 +459,36 @@ class ShardedOptimizer(OnGroup, torch.optim.Optimizer):
         if has_loss and world > 1:
             mean = tail[1].item() / world
             loss = torch.tensor(mean, dtype=loss.dtype, device=loss.device) if isinstance(loss, Tensor) else mean
-        return has_grad > 0, (late > 0).tolist(), loss
+        return dense + sparse > 0, sparse > 0, (late > 0).tolist(), loss
 
-    def _locate(self, position: int) -> str:
-        """Describe the parameter at ``position`` in the buffers' concatenated parameter order."""
+    def _refuse_sparse(self, dense: Tensor, sparse: Tensor, known: Tensor | None) -> None:
+        """Raise, alike on every rank, for the first parameter whose sparse gradient this step cannot
+        take. ``dense`` and ``sparse`` count the ranks with a dense and with a sparse gradient (a rank
+        may have both: a dense one written after backward moved a sparse one aside); ``known``: the
+        parameters sparse in earlier steps (their dense reductions skip them)."""
+        suspect = sparse > 0 if known is None else (sparse > 0) | (known & (dense > 0))
+        for position in suspect.nonzero().view(-1).tolist():
+            g, i = self._position(position)
+            where = self._describe(self.param_groups[g], g, i)
+            if sparse[position] and dense[position]:
+                raise RuntimeError(
+                    f"{where} has a sparse gradient on {int(sparse[position])} rank(s) and a dense one on "
+                    f"{int(dense[position])}; every rank must produce the same kind (the same nn.Embedding(sparse=...))"
+                )
+            if dense[position]:
+                raise RuntimeError(
+                    f"{where} has a dense gradient after sparse ones in earlier steps; shardopt reduces a parameter's "
+                    "gradients one way for the whole run: keep them sparse, or use another optimizer for it"
+                )
+            refusal = sparse_grads.refusal(self._algorithm.torch_class, self.param_groups[g], where)
+            if refusal is not None:
+                raise RuntimeError(refusal)
+
+    def _position(self, position: int) -> tuple[int, int]:
+        """(param group, index in it) of the parameter at ``position`` in the buffers' concatenated order."""
         for buffer in self._buffers:
             if position < len(buffer.params):
-                g = buffer.group_index
-                return self._describe(self.param_groups[g], g, buffer.layout.slots[position].index)
+                return buffer.group_index, buffer.layout.slots[position].index
             position -= len(buffer.params)
         raise IndexError(position)
 
@@ -648,6 +578,8 @@ class ShardedOptimizer(OnGroup, torch.optim.Optimizer):
         number like ``"state"``): torch.optim ignores that key, ``load_state_dict`` restores them.
         """
         self._gathers.wait_all()
+        self._comm.enter("state_dict()")
+        self._comm.agree()  # a rank one step() ahead would pair that step's collectives with these
         states: dict[Tensor, state_format.StateEntry] = {}
         masters: dict[Tensor, Tensor] = {}
         for buffer in self._buffers:
@@ -673,7 +605,10 @@ class ShardedOptimizer(OnGroup, torch.optim.Optimizer):
         the model first, or call :meth:`refresh_master_weights` after loading it).
         """
         self._gathers.wait_all()
+        self._comm.enter("load_state_dict()")
+        self._comm.agree()
         new_groups, states, masters = state_format.unpack(state_dict, self.param_groups, self.defaults)
+        states = {param: sparse_grads.densified(entry) for param, entry in states.items()}
         for g, group in enumerate(new_groups):
             self._check_group(group, g)
             for i, param in enumerate(group["params"]):

@@ -13,7 +13,7 @@ alone keeps its state and runs torch's own update on it. One step, on every rank
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch import Tensor
 from . import algorithms, fingerprint, groups, owned_comm, owned_state
 from . import state_dict as state_format
 from .ownership import assign_owners, update_cost
-from .replicated import ReplicatedOptimizer
+from .replicated import Reduced, ReplicatedOptimizer
 
 
 class OwnedOptimizer(ReplicatedOptimizer):
@@ -41,8 +41,8 @@ class OwnedOptimizer(ReplicatedOptimizer):
         **kwargs: the algorithm's keywords, with torch.optim's names, defaults and validation.
 
     After ``step()`` every ``p.grad`` holds the reduced gradient, as under DDP. Construction,
-    ``step``, ``state_dict`` and ``add_param_group`` are collective: every rank calls them, in
-    the same order.
+    ``step``, ``clip_grad_norm_``, ``state_dict`` and ``add_param_group`` are collective: every
+    rank calls them, in the same order.
     """
 
     def __init__(
@@ -104,24 +104,31 @@ class OwnedOptimizer(ReplicatedOptimizer):
 
     # ------------------------------------------------------------------ step
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One optimizer step on every rank; returns the closure's loss averaged over ranks."""
-        present, loss = self._begin_step(closure)
-        with torch.no_grad():
-            if self._grad_reduction is not None:
-                # A parameter with a gradient on some rank only counts zero on the others.
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in present]
-                mean = self._grad_reduction == "mean"
-                reduced = owned_comm.all_reduce(self._comm, grads, "the all-reduce of the gradients", mean)
-                for param, grad in zip(present, reduced):
-                    param.grad = grad
-            # Outer groups are the user's (schedulers edit them): the owner's torch optimizer reads them now.
-            for outer, inner in zip(self.param_groups, self._inner.param_groups):
-                inner.update(self._hyper_parameters(outer))
-            self._inner.step()
-            owners = [self._owner[p] for p in present]
-            owned_comm.gather_from_owners(self._comm, present, owners, "the all-gather of updated parameters")
-        return loss
+    def _reduce_grads(self, present: list[Tensor]) -> None:
+        """Collective: the reduced gradient in every present ``p.grad``, on every rank."""
+        if self._grad_reduction is not None:
+            # A parameter with a gradient on some rank only counts zero on the others.
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in present]
+            mean = self._grad_reduction == "mean"
+            reduced = owned_comm.all_reduce(self._comm, grads, "the all-reduce of the gradients", mean)
+            for param, grad in zip(present, reduced):
+                param.grad = grad
+
+    def _apply(self, reduced: Reduced) -> None:
+        """The owners' torch optimizers update their parameters, then every rank gathers them."""
+        # Outer groups are the user's (schedulers edit them): the owner's torch optimizer reads them now.
+        for outer, inner in zip(self.param_groups, self._inner.param_groups):
+            inner.update(self._hyper_parameters(outer))
+        self._inner.step()
+        owners = [self._owner[p] for p in reduced.present]
+        owned_comm.gather_from_owners(self._comm, reduced.present, owners, "the all-gather of updated parameters")
+
+    def _grad_tensors(self, reduced: Reduced) -> list[Tensor]:
+        return [p.grad for p in reduced.present if p.grad is not None]
+
+    def _norm_tensors(self, reduced: Reduced) -> list[Tensor]:
+        # Every rank holds the whole reduced gradient; each counts the parameters it owns, once.
+        return [p.grad for p in reduced.present if p.grad is not None and self._owner[p] == self.rank]
 
     # ------------------------------------------------------------------ state
 
@@ -133,13 +140,10 @@ class OwnedOptimizer(ReplicatedOptimizer):
         """
         params = self._params()
         mine = self._inner.state
-        has_state = torch.tensor([float(bool(mine.get(p))) for p in params], dtype=torch.float64)
-        has_state = has_state.to(self._comm.device)
-        self._comm.all_reduce_(has_state, "the agreement on which parameters have optimizer state").wait()
         entries: dict[Tensor, dict[str, Tensor]] = {}
         tensors: list[Tensor] = []
         owners: list[int] = []
-        for param, flag in zip(params, has_state.tolist()):
+        for param, flag in zip(params, self._has_state()):
             if not flag:
                 continue
             owner = self._owner[param]
@@ -169,11 +173,22 @@ class OwnedOptimizer(ReplicatedOptimizer):
                 if param in states:
                     templates[param] = owned_state.initial_state(self._torch_class, param)
                     owned_state.check_entry(states[param], templates[param], name, groups.describe(group, g, i))
+        owned = {p: owned_state.installed(e, templates[p]) for p, e in states.items() if self._owner[p] == self.rank}
+        self._restore_state(new_groups, owned)
+
+    def _has_state(self) -> list[bool]:
+        """Collective: whether each parameter (in the groups' order) has state, on its owner."""
+        mine = self._inner.state
+        flags = torch.tensor([float(bool(mine.get(p))) for p in self._params()], dtype=torch.float64)
+        flags = flags.to(self._comm.device)
+        self._comm.all_reduce_(flags, "the agreement on which parameters have optimizer state").wait()
+        return [bool(flag) for flag in flags.tolist()]
+
+    def _restore_state(self, new_groups: list[dict[str, Any]], owned: dict[Tensor, dict[str, Tensor]]) -> None:
+        """Local: install checked param groups and the state of the parameters this rank owns."""
         self.param_groups[:] = new_groups
         self._inner.state.clear()
-        for param, entry in states.items():
-            if self._owner[param] == self.rank:
-                self._inner.state[param] = owned_state.installed(entry, templates[param])
+        self._inner.state.update(owned)
 
     # ------------------------------------------------------------------ introspection
 

@@ -20,6 +20,10 @@ the reduction of the total.
 
 Stage 1 reduces at ``step()``: each buffer's full gradient is all-reduced and the
 parameters' ``.grad`` become views of the result, as under DDP.
+
+Sparse gradients (SGD, Adagrad) leave zeros in their spans and are reduced as entries once the
+ranks have agreed which parameters have them (``add_sparse``, ``sparse_grads.py``); a buffer
+holding a parameter sparse in an earlier step reduces only the ranges around it.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import sparse_exchange
 from .buffer import DENSE, NO_GRAD, SPARSE, ShardedBuffer, grad_code
 from .comm import Comm, Pending
+from .layout import Span
+from .sparse_grads import add_entries, dense_ranges, reduce_ranges
 
 # Staging buffers (each as long as the longest bucket) per dtype and device: two reductions in
 # flight keep the link busy while a third bucket fills, and a fourth absorbs buckets that
@@ -111,9 +118,10 @@ class _Window:
     size: int
     arrived: list[bool] = field(init=False)
     arrived_count: int = 0
-    codes: list[int] = field(init=False)  # NO_GRAD / DENSE / SPARSE per parameter, as absorbed
+    codes: list[int] = field(init=False)  # per parameter, the kinds absorbed: NO_GRAD, or DENSE | SPARSE bits
     staging: Tensor | None = None  # being filled, not launched yet
     views: list[Tensor] = field(default_factory=list)  # of ``staging``, one per parameter
+    sparse_grads: dict[int, Tensor] = field(default_factory=dict)  # stage 2: per slot, kept aside whole
     launched: bool = False
     late: bool = False
     rounds: list[_Round] = field(default_factory=list)
@@ -141,12 +149,18 @@ class GradReducer:
         self._pool = StagingPool()
         self._in_flight: deque[_Round] = deque()
         self._views: dict[tuple[int, int], list[Tensor]] = {}
+        # Per buffer, the slots agreed sparse in some step (the same on every rank) and, where there
+        # are any, the ranges its dense reduction covers instead of the whole buffer.
+        self._sparse: list[set[int]] = []
+        self._dense_ranges: list[list[Span] | None] = []
         # Inside ``no_sync()``: backward's hooks leave gradients where they are.
         self.accumulating = False
 
     def add(self, buffer: ShardedBuffer) -> None:
         self._buffers.append(buffer)
         self._windows.append(_Window(len(buffer.params)))
+        self._sparse.append(set())
+        self._dense_ranges.append(None)
         if self._stage == 2:
             self._pool.reserve(buffer.layout.numel, _pool_key(buffer))
         # Gradients already reduced (under DDP) are final only once backward has ended, when DDP
@@ -212,7 +226,8 @@ class GradReducer:
 
     def _absorb(self, index: int, slot: int) -> None:
         """Move parameter ``slot``'s ``.grad`` into the staging buffer: copied the first time this
-        round, added after that (a second backward before the launch), zeros if it has none."""
+        round, added after that (a second backward before the launch), zeros if it has none or a
+        sparse one (kept aside whole, for :meth:`add_sparse`)."""
         window = self._windows[index]
         if window.staging is None:
             self._staging(index)
@@ -224,10 +239,13 @@ class GradReducer:
                 span.copy_(grad)
             else:
                 span.add_(grad)
-        elif first:
-            span.zero_()  # a sparse gradient is an error every rank raises at the agreement
-        if code > window.codes[slot]:
-            window.codes[slot] = code
+        else:
+            if first:
+                span.zero_()
+            if code == SPARSE:
+                kept = window.sparse_grads.get(slot)
+                window.sparse_grads[slot] = grad if kept is None else kept + grad
+        window.codes[slot] |= code
         param.grad = None
 
     def _launch_in_order(self, until_incomplete: bool) -> None:
@@ -258,7 +276,7 @@ class GradReducer:
                 buffer.full_grad = torch.zeros_like(buffer.flat, dtype=buffer.grad_dtype)
             full = buffer.full_grad
             window.codes = buffer.flatten_grads(full)
-            pending = self._comm.all_reduce_(full, "the gradient all-reduce") if self._reduce else None
+            pending = self._all_reduce(index, full) if self._reduce else None
             window.rounds.append(_Round(buffer, pending, None, full, accumulate=False))
             window.launched = True
             return
@@ -275,13 +293,24 @@ class GradReducer:
             return
         into = torch.empty_like(grad_shard) if accumulate else grad_shard
         pending = None
-        if self._reduce:
+        if self._reduce and self._dense_ranges[index] is not None:
+            pending = self._all_reduce(index, staging, then=lambda: into.copy_(staging[buffer.shard.slice]))
+        elif self._reduce:
             pending = self._comm.reduce_scatter(into, staging, "the gradient reduce-scatter")
         else:
             into.copy_(staging[buffer.shard.slice])
         round_ = _Round(buffer, pending, staging, into, accumulate)
         window.rounds.append(round_)
         self._in_flight.append(round_)
+
+    def _all_reduce(self, index: int, tensor: Tensor, then: Callable[[], object] | None = None) -> Pending:
+        """Issue the all-reduce of buffer ``index``'s gradient ``tensor``: of all of it, or, where the
+        buffer holds parameters known to be sparse, of the ranges around them (their spans are zeros
+        on every rank: their entries travel in :meth:`add_sparse`). Then ``then``."""
+        ranges = self._dense_ranges[index]
+        if ranges is None:
+            return self._comm.all_reduce_(tensor, "the gradient all-reduce")
+        return reduce_ranges(self._comm, tensor, ranges, "the gradient all-reduce", then)
 
     def _finish(self, round_: _Round) -> None:
         """Wait for ``round_`` and complete it on this rank (rounds of a buffer finish in order)."""
@@ -307,14 +336,14 @@ class GradReducer:
             # map(attrgetter) runs at C speed: this is the one look at every parameter a step takes.
             if window.launched and (window.late or _grads(buffer).count(None) < window.size):
                 window.late = True
-                window.codes = [max(old, new) for old, new in zip(window.codes, buffer.grad_codes())]
+                window.codes = [old | new for old, new in zip(window.codes, buffer.grad_codes())]
         self._launch_in_order(until_incomplete=False)
 
     def local_flags(self) -> tuple[Tensor, Tensor, Tensor]:
-        """This rank's (has a gradient, has a sparse gradient) per parameter, and late per buffer."""
-        codes = torch.cat([_as_tensor(w.codes) for w in self._windows] or [torch.zeros(0, dtype=torch.float64)])
+        """This rank's (has a dense gradient, has a sparse gradient) per parameter, and late per buffer."""
+        codes = torch.cat([_as_tensor(w.codes) for w in self._windows] or [torch.zeros(0, dtype=torch.int64)])
         late = torch.tensor([float(w.late) for w in self._windows], dtype=torch.float64)
-        return (codes != NO_GRAD).double(), (codes == SPARSE).double(), late
+        return (codes & DENSE != 0).double(), (codes & SPARSE != 0).double(), late
 
     def launch_late(self, late: list[bool]) -> None:
         """A second round for the buffers late on any rank (every rank calls this with the same flags)."""
@@ -332,11 +361,57 @@ class GradReducer:
         if self._stage == 1:
             if scale:
                 buffer.full_grad.div_(scale)
-            buffer.bind_grads(buffer.full_grad, [code != NO_GRAD for code in window.codes])
+            # A sparse gradient stays this rank's own in p.grad: the reduced one exists only in the shards.
+            buffer.bind_grads(buffer.full_grad, [code == DENSE for code in window.codes])
             return buffer.full_grad[buffer.shard.slice]
         if scale:
             buffer.grad_shard.div_(scale)
         return buffer.grad_shard
+
+    def known_sparse(self) -> Tensor | None:
+        """Per parameter, in the buffers' order: whether it had a sparse gradient in an earlier step;
+        None while no parameter had one (the common case, looked up once per buffer)."""
+        if not any(self._sparse):
+            return None
+        sizes = [len(buffer.params) for buffer in self._buffers]
+        return torch.tensor([slot in sparse for size, sparse in zip(sizes, self._sparse) for slot in range(size)])
+
+    def add_sparse(self, sparse: list[bool], shards: list[Tensor]) -> None:
+        """Collective. Before: ``sparse`` (agreed, per parameter in the buffers' order) names the
+        parameters with a sparse gradient on some rank; ``shards`` are this rank's shards of each
+        buffer's reduced gradient, zeros in those parameters' spans. After: the reduction (mean or
+        sum) of the ranks' sparse gradients is added into the shards, and those parameters stay out
+        of the dense reductions of later steps.
+        """
+        local: dict[Tensor, Tensor | None] = {}
+        places: dict[Tensor, tuple[int, int]] = {}
+        flags = iter(sparse)
+        for index, (buffer, window) in enumerate(zip(self._buffers, self._windows)):
+            for slot, param in enumerate(buffer.params):
+                if next(flags):
+                    grad = window.sparse_grads.get(slot) if self._stage == 2 else param.grad
+                    local[param] = None if grad is None else grad.coalesce()
+                    places[param] = (index, slot)
+        world = self._comm.world_size
+        if self._reduce and world > 1:
+            everyone = sparse_exchange.gather_gradients(self._comm, local)
+        else:  # nothing to reduce: this rank's own gradient is the result
+            everyone = {p: (g.indices(), g.values()) for p, g in local.items() if g is not None}
+        for param, (indices, values) in everyone.items():
+            index, slot = places[param]
+            buffer = self._buffers[index]
+            values = values.to(buffer.grad_dtype)
+            if self._mean and world > 1:  # before summing duplicates, as (g_0 + ... + g_N-1) / N adds g_r / N
+                values = values / world
+            for piece in buffer.pieces:
+                if piece.slot == slot:
+                    window = shards[index][piece.in_shard.slice]
+                    add_entries(window, piece.in_param, tuple(param.shape), indices, values)
+        for index, slot in places.values():
+            if slot not in self._sparse[index]:
+                self._sparse[index].add(slot)
+                layout = self._buffers[index].layout
+                self._dense_ranges[index] = dense_ranges(layout.slots, self._sparse[index], layout.numel)
 
     def reset(self) -> None:
         """Start a new window: wait for anything still in flight and forget the gradients."""
@@ -358,8 +433,8 @@ def _grads(buffer: ShardedBuffer) -> list[Tensor | None]:
 def _as_tensor(codes: list[int]) -> Tensor:
     # Every parameter dense is the common case; testing for it runs at C speed, a general list does not.
     if codes.count(DENSE) == len(codes):
-        return torch.full((len(codes),), float(DENSE), dtype=torch.float64)
-    return torch.tensor(codes, dtype=torch.float64)
+        return torch.full((len(codes),), DENSE, dtype=torch.int64)
+    return torch.tensor(codes, dtype=torch.int64)
 
 
 def _arrival_hook(reducer: weakref.ref[GradReducer], index: int, slot: int) -> Callable[[Tensor], None]:

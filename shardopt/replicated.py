@@ -4,12 +4,14 @@
 (SparseAdam: state by rows) split only the optimizer state; parameters stay whole and
 replicated, as under DDP. They share construction (torch's keyword validation, the check that
 every rank builds alike, the broadcast of the initial parameters), the groups' checks, and the
-refusal of a GradScaler they cannot serve yet.
+sequence of a step: closure, agreement, reduction (which ``clip_grad_norm_`` and a GradScaler
+may run ahead of ``step()``: ``GradChecks``), then the subclass's update.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -19,13 +21,24 @@ from torch import Tensor
 
 from . import fingerprint, groups, owned_comm
 from .comm import Comm, OnGroup
+from .grad_checks import GradChecks
 
 GRAD_REDUCTIONS = ("mean", "sum", None)
 OUR_KEYWORDS = ("process_group", "grad_reduction", "timeout")
 
 
-class ReplicatedOptimizer(OnGroup, torch.optim.Optimizer):
-    """Base class: subclasses place each new group's parameters (:meth:`_place`) and step them."""
+@dataclass
+class Reduced:
+    """A step's gradients once reduced: kept from ``clip_grad_norm_`` or a GradScaler until the step."""
+
+    present: list[Tensor]  # the parameters with a gradient on some rank
+    grads: Any  # what the subclass keeps of this rank's reduced gradients besides p.grad
+    loss: Any  # the closure's loss, averaged over the ranks
+
+
+class ReplicatedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
+    """Base class: subclasses place each new group's parameters (:meth:`_place`), reduce their
+    gradients (:meth:`_reduce_grads`) and update them (:meth:`_apply`)."""
 
     def __init__(
         self,
@@ -46,6 +59,10 @@ class ReplicatedOptimizer(OnGroup, torch.optim.Optimizer):
         self._kwargs = kwargs
         self._comm = Comm(process_group, timeout)
         self._grad_reduction = grad_reduction
+        self._reduced: Reduced | None = None  # set by clip_grad_norm_ or a GradScaler until the step that follows
+        self._scaler_checked = False  # shardopt.GradScaler looked at this step's gradients
+        #: Steps a GradScaler skipped because the mean gradient was not finite.
+        self.skipped_steps = 0
         self._prepare()
         torch.optim.Optimizer.__init__(self, params, defaults)
 
@@ -111,14 +128,56 @@ class ReplicatedOptimizer(OnGroup, torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
 
-    def _begin_step(self, closure: Callable[[], Any] | None) -> tuple[list[Tensor], Any]:
-        """The opening of every step: the closure (if any), then one all-reduce that tells every rank
-        the same parameters with a gradient on some rank, the same error, and the mean loss."""
-        self._refuse_scaler()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One optimizer step on every rank; returns the closure's loss averaged over ranks."""
+        self._refuse_closure_after_reduction(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._comm.enter("step()", step=True)
+        try:
+            reduced = self._reduced or self._reduce(loss)
+            with torch.no_grad():
+                if self._scaler_skips(reduced):
+                    self.skipped_steps += 1
+                else:
+                    self._apply(reduced)
+        finally:
+            self._reduced = None
+            self._scaler_checked = False
+            self._comm.leave()
+        return reduced.loss
+
+    def _reduce_grads(self, present: list[Tensor]) -> Any:
+        """Collective: reduce the gradients of ``present``; returns what :attr:`Reduced.grads` keeps."""
+        raise NotImplementedError
+
+    def _apply(self, reduced: Reduced) -> None:
+        """Collective: the update of the parameters from their reduced gradients, on every rank."""
+        raise NotImplementedError
+
+    def _reduce(self, loss: Any) -> Reduced:
+        """The first half of a step: the agreement on gradients and loss, then the reduction."""
+        present, loss = self._agree(loss)
+        with torch.no_grad():
+            return Reduced(present, self._reduce_grads(present), loss)
+
+    def _forget_reduced(self) -> None:
+        self._reduced = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch.optim's; also forgets gradients reduced ahead of step()."""
+        self._forget_reduced()
+        super().zero_grad(set_to_none)
+
+    def _norm_like(self) -> tuple[torch.dtype, torch.device]:
+        params = self._params()
+        return (params[0].dtype, params[0].device) if params else (torch.float32, torch.device("cpu"))
+
+    def _agree(self, loss: Any) -> tuple[list[Tensor], Any]:
+        """One all-reduce that tells every rank the same parameters with a gradient on some rank,
+        the same error, and the mean loss."""
         params = self._params()
         has_loss = loss is not None
         flags = [float(p.grad is not None) for p in params]
@@ -154,23 +213,3 @@ class ReplicatedOptimizer(OnGroup, torch.optim.Optimizer):
                 return groups.describe(group, g, position)
             position -= len(group["params"])
         raise IndexError(position)
-
-    # ------------------------------------------------------------------ loss scaling
-
-    #: torch.amp.GradScaler then calls step() on every rank, where :meth:`_refuse_scaler` raises alike.
-    _step_supports_amp_scaling = True
-
-    def _refuse_scaler(self) -> None:
-        """Raise, on every rank alike, if a GradScaler drives this step: each rank would judge infs on
-        its own gradients and the ranks could disagree about skipping it."""
-        if hasattr(self, "found_inf"):
-            del self.found_inf
-            self.__dict__.pop("grad_scale", None)
-            raise TypeError(unsupported_scaler(self._torch_class.__name__))
-
-
-def unsupported_scaler(name: str) -> str:
-    return (
-        f"a GradScaler cannot drive {name} yet (its ranks would judge infs on their own gradients and could "
-        "disagree about skipping a step); train it in bfloat16 or fp32 without a scaler"
-    )

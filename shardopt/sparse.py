@@ -16,7 +16,7 @@ touched (sparse_exchange.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -28,7 +28,7 @@ from torch.optim.optimizer import _to_scalar
 
 from . import algorithms, fingerprint, groups, owned_state, sparse_exchange
 from . import state_dict as state_format
-from .replicated import ReplicatedOptimizer
+from .replicated import Reduced, ReplicatedOptimizer
 from .rows import entries_in, row_ranges, touched_rows
 
 # torch.optim.SparseAdam's own message (torch/optim/sparse_adam.py), so users' handling still works.
@@ -50,8 +50,8 @@ class SparseRowOptimizer(ReplicatedOptimizer):
         **kwargs: SparseAdam's keywords (lr, betas, eps, maximize), with torch's defaults and validation.
 
     ``p.grad`` keeps this rank's own sparse gradient (the reduced one exists only row-sliced, on
-    the rows' owners). Construction, ``step``, ``state_dict``, ``load_state_dict`` and
-    ``add_param_group`` are collective: every rank calls them, in the same order.
+    the rows' owners). Construction, ``step``, ``clip_grad_norm_``, ``state_dict``,
+    ``load_state_dict`` and ``add_param_group`` are collective: every rank calls them, in the same order.
     """
 
     def __init__(
@@ -92,14 +92,20 @@ class SparseRowOptimizer(ReplicatedOptimizer):
 
     # ------------------------------------------------------------------ step
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One SparseAdam step on every rank; returns the closure's loss averaged over ranks."""
-        present, loss = self._begin_step(closure)
-        with torch.no_grad():
-            slices = self._own_gradients(present)
-            for group in self.param_groups:
-                self._update(group, slices)
-        return loss
+    def _reduce_grads(self, present: list[Tensor]) -> dict[Tensor, tuple[Tensor, list[Tensor]]]:
+        return self._own_gradients(present)
+
+    def _apply(self, reduced: Reduced) -> None:
+        for group in self.param_groups:
+            self._update(group, reduced.grads)
+
+    def _grad_tensors(self, reduced: Reduced) -> list[Tensor]:
+        # The coalesced values of this rank's rows (views: scaling them scales the sparse slices),
+        # which torch's GradScaler unscales too (after coalescing fp16 gradients).
+        return [grad.values() for grad, _ in reduced.grads.values()]
+
+    def _norm_tensors(self, reduced: Reduced) -> list[Tensor]:
+        return self._grad_tensors(reduced)  # the ranks' rows are disjoint
 
     def _wrong_gradient(self, grad: Tensor) -> bool:
         return not grad.is_sparse
@@ -115,7 +121,7 @@ class SparseRowOptimizer(ReplicatedOptimizer):
             # Already reduced (or nothing to reduce): every rank sees every entry in its own gradient.
             everyone = {p: (g.indices(), g.values()) for p, g in local.items() if g is not None}
         else:
-            everyone = self._exchange(present, local)
+            everyone = sparse_exchange.gather_gradients(self._comm, local)
         divide = self._grad_reduction == "mean" and self._comm.world_size > 1
         slices = {}
         for param in present:
@@ -132,41 +138,6 @@ class SparseRowOptimizer(ReplicatedOptimizer):
             grad = torch.sparse_coo_tensor(mine, mine_values, size, check_invariants=False).coalesce()
             slices[param] = (grad, touched_rows(indices[0], ranges))
         return slices
-
-    def _exchange(
-        self, present: list[Tensor], local: dict[Tensor, Tensor | None]
-    ) -> dict[Tensor, tuple[Tensor, Tensor]]:
-        """Collective: every rank's coalesced entries of every present parameter's gradient.
-
-        One all-gather of the counts (entries and sparse dims of every parameter), then two
-        all-gathers per parameter some rank has entries for: its indices and its values.
-        """
-        counts = [g._nnz() if g is not None else 0 for g in local.values()]
-        dims = [g.sparse_dim() if g is not None else 0 for g in local.values()]
-        gathered = sparse_exchange.gather_counts(self._comm, counts + dims)
-        n = len(present)
-        everyone = {}
-        for position, param in enumerate(present):
-            nnz = gathered[:, position].tolist()
-            sparse_dims = {d for d, k in zip(gathered[:, n + position].tolist(), nnz) if k}
-            if not sparse_dims:
-                continue
-            if len(sparse_dims) > 1:
-                raise RuntimeError(
-                    f"the ranks' sparse gradients of a parameter of shape {tuple(param.shape)} have different "
-                    f"sparse dims {sorted(sparse_dims)}; produce them alike on every rank"
-                )
-            sparse_dim = sparse_dims.pop()
-            grad = local[param]
-            if grad is None or grad._nnz() == 0:  # this rank contributes nothing: empty parts of the right shape
-                indices = torch.zeros(sparse_dim, 0, dtype=torch.int64, device=param.device)
-                values = param.new_zeros(0, *param.shape[sparse_dim:])
-            else:
-                indices, values = grad.indices(), grad.values()
-            everyone[param] = sparse_exchange.gather_entries(
-                self._comm, indices, values, nnz, tuple(param.shape[sparse_dim:])
-            )
-        return everyone
 
     def _update(self, group: dict[str, Any], slices: dict[Tensor, tuple[Tensor, list[Tensor]]]) -> None:
         """torch's own SparseAdam on this rank's rows of ``group``'s parameters, then the updated
@@ -240,16 +211,22 @@ class SparseRowOptimizer(ReplicatedOptimizer):
                     template = {"step": torch.empty((), device="meta")}
                     template |= {name: torch.empty(param.shape, device="meta") for name in STATE_NAMES}
                     owned_state.check_entry(states[param], template, "SparseAdam", groups.describe(group, g, i))
-        self.param_groups[:] = new_groups
-        self.state.clear()
+        mine = {}
         for param, entry in states.items():
             rows = self._rows[param][self.rank]
-            self.state[param] = {"step": int(entry["step"])} | {
+            mine[param] = {"step": int(entry["step"])} | {
                 name: torch.as_tensor(entry[name])[rows.start : rows.stop].to(
                     dtype=param.dtype, device=param.device, copy=True
                 )
                 for name in STATE_NAMES
             }
+        self._restore_state(new_groups, mine)
+
+    def _restore_state(self, new_groups: list[dict[str, Any]], mine: dict[Tensor, dict[str, Any]]) -> None:
+        """Local: install checked param groups and the state of this rank's rows."""
+        self.param_groups[:] = new_groups
+        self.state.clear()
+        self.state.update(mine)
 
     # ------------------------------------------------------------------ introspection
 

@@ -84,3 +84,36 @@ def gather_row_shards(comm: Comm, shards: list[Tensor], ranges: list[range]) -> 
     return [
         torch.cat([full[r, position, : len(rows)] for r, rows in enumerate(ranges)]) for position in range(len(shards))
     ]
+
+
+def gather_gradients(comm: Comm, local: dict[Tensor, Tensor | None]) -> dict[Tensor, tuple[Tensor, Tensor]]:
+    """Before: each rank holds its coalesced sparse gradient (or None) of every parameter of ``local``
+    (the same parameters, in the same order, on every rank). After: returns, for each parameter some
+    rank has entries for, every rank's indices and values (:func:`gather_entries`).
+
+    One all-gather of the counts (entries and sparse dims of every parameter), then two all-gathers
+    per parameter some rank has entries for: its indices and its values.
+    """
+    counts = [g._nnz() if g is not None else 0 for g in local.values()]
+    dims = [g.sparse_dim() if g is not None else 0 for g in local.values()]
+    gathered = gather_counts(comm, counts + dims)
+    n = len(local)
+    everyone = {}
+    for position, (param, grad) in enumerate(local.items()):
+        nnz = gathered[:, position].tolist()
+        sparse_dims = {d for d, k in zip(gathered[:, n + position].tolist(), nnz) if k}
+        if not sparse_dims:
+            continue
+        if len(sparse_dims) > 1:
+            raise RuntimeError(
+                f"the ranks' sparse gradients of a parameter of shape {tuple(param.shape)} have different "
+                f"sparse dims {sorted(sparse_dims)}; produce them alike on every rank"
+            )
+        sparse_dim = sparse_dims.pop()
+        if grad is None or grad._nnz() == 0:  # this rank contributes nothing: empty parts of the right shape
+            indices = torch.zeros(sparse_dim, 0, dtype=torch.int64, device=param.device)
+            values = param.new_zeros(0, *param.shape[sparse_dim:])
+        else:
+            indices, values = grad.indices(), grad.values()
+        everyone[param] = gather_entries(comm, indices, values, nnz, tuple(param.shape[sparse_dim:]))
+    return everyone

@@ -161,6 +161,14 @@ def check_entry(
     for name in algorithm.scalar_state(group):
         if name not in entry:
             raise ValueError(f"loaded optimizer state of {where} lacks {name!r}: it was not saved by this algorithm")
+        value = entry[name]
+        # Checked here, not when installed: by then the param groups are replaced.
+        if isinstance(value, bool) or not (
+            isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1)
+        ):
+            raise ValueError(
+                f"loaded optimizer state {name!r} of {where} is {value!r}; a number or a one-element tensor is expected"
+            )
     for name in algorithm.tensor_state(group):
         tensor = entry.get(name)
         if not isinstance(tensor, Tensor):

@@ -114,3 +114,21 @@ def assert_state_dicts_equal(
 def _comparable_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Groups with tensor hyper-parameters (lr=tensor(...)) turned into floats, so == compares values."""
     return [{k: v.item() if isinstance(v, torch.Tensor) else v for k, v in group.items()} for group in groups]
+
+
+def assert_identical(ours: Any, reference: Any, path: str = "state_dict") -> None:
+    """Same structure, same keys, bit-identical tensors (dtype and shape included), equal other values."""
+    if isinstance(reference, torch.Tensor):
+        assert isinstance(ours, torch.Tensor), path
+        assert ours.dtype == reference.dtype and ours.shape == reference.shape, path
+        assert torch.equal(ours, reference), path
+    elif isinstance(reference, dict):
+        assert isinstance(ours, dict) and list(ours) == list(reference), path
+        for key, value in reference.items():
+            assert_identical(ours[key], value, f"{path}[{key!r}]")
+    elif isinstance(reference, (list, tuple)):
+        assert type(ours) is type(reference) and len(ours) == len(reference), path
+        for index, (mine, value) in enumerate(zip(ours, reference)):
+            assert_identical(mine, value, f"{path}[{index}]")
+    else:
+        assert ours == reference, path

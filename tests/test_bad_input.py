@@ -11,7 +11,10 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import os
+import pathlib
 import re
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -20,8 +23,10 @@ import torch
 from torch import nn
 
 import shardopt
-from shardopt import ShardedOptimizer
-from tests.common import flat_params, loss_of, make_model
+from shardopt import ShardedOptimizer, checkpoint
+from shardopt.checkpoint import CheckpointError
+from shardopt.checkpoint.__main__ import main as checkpoint_cli
+from tests.common import assert_identical, flat_params, loss_of, make_model
 from tests.world import run_world
 
 SUPPORTED = (
@@ -40,24 +45,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, ra
     optimizer.zero_grad(set_to_none=True)
     loss_of(model, rank, step).backward()
     optimizer.step()
-
-
-def assert_identical(ours: Any, reference: Any, path: str = "state_dict") -> None:
-    """Same structure, same keys, bit-identical tensors (dtype and shape included), equal other values."""
-    if isinstance(reference, torch.Tensor):
-        assert isinstance(ours, torch.Tensor), path
-        assert ours.dtype == reference.dtype and ours.shape == reference.shape, path
-        assert torch.equal(ours, reference), path
-    elif isinstance(reference, dict):
-        assert isinstance(ours, dict) and list(ours) == list(reference), path
-        for key, value in reference.items():
-            assert_identical(ours[key], value, f"{path}[{key!r}]")
-    elif isinstance(reference, (list, tuple)):
-        assert type(ours) is type(reference) and len(ours) == len(reference), path
-        for index, (mine, value) in enumerate(zip(ours, reference)):
-            assert_identical(mine, value, f"{path}[{index}]")
-    else:
-        assert ours == reference, path
 
 
 def snapshot_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
@@ -164,6 +151,8 @@ def test_torch_validation_message_passes_through(
         ({"timeout": "10"}, TypeError, r"timeout must be seconds \(a number\) or a timedelta, got str"),
         ({"timeout": 0}, ValueError, r"timeout must be a finite positive number of seconds, got 0.0"),
         ({"timeout": -5}, ValueError, r"timeout must be a finite positive number of seconds, got -5.0"),
+        ({"timeout": math.nan}, ValueError, r"timeout must be a finite positive number of seconds, got nan"),
+        ({"timeout": True}, TypeError, r"timeout must be seconds \(a number\) or a timedelta, got bool"),
         ({"bucket_cap_mb": 0}, ValueError, r"bucket_cap_mb must be a finite positive number of MiB, got 0"),
         ({"bucket_cap_mb": -1.5}, ValueError, r"bucket_cap_mb must be a finite positive number of MiB, got -1.5"),
         ({"overlap_param_gather": "yes"}, TypeError, r"overlap_param_gather must be True or False, got 'yes'"),
@@ -174,6 +163,8 @@ def test_torch_validation_message_passes_through(
         "timeout-str",
         "timeout-zero",
         "timeout-negative",
+        "timeout-nan",
+        "timeout-bool",
         "bucket-zero",
         "bucket-neg",
         "overlap",
@@ -182,6 +173,12 @@ def test_torch_validation_message_passes_through(
 def test_bad_sharding_option(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         ShardedOptimizer(params(), "adam", **kwargs)
+
+
+def test_fused_must_be_none_or_a_bool_where_shardopt_owns_it() -> None:
+    # RMSprop has no native fused kernel: ``fused`` is shardopt's keyword (compile or not), not torch's.
+    with pytest.raises(ValueError, match=r"fused must be None \(choose\), True or False, got 'yes'"):
+        ShardedOptimizer(params(), "rmsprop", fused="yes")
 
 
 def test_boolean_stage_is_rejected() -> None:
@@ -408,6 +405,14 @@ def _drop(number: int, key: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return corrupt
 
 
+def _set(number: int, key: str, value: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def corrupt(state_dict: dict[str, Any]) -> dict[str, Any]:
+        state_dict["state"][number][key] = value
+        return state_dict
+
+    return corrupt
+
+
 def _move_param_to_group_0(state_dict: dict[str, Any]) -> dict[str, Any]:
     groups = state_dict["param_groups"]
     groups[0]["params"].append(groups[1]["params"].pop(0))
@@ -439,6 +444,14 @@ def _move_param_to_group_0(state_dict: dict[str, Any]) -> dict[str, Any]:
             r"state of parameter 0 \('out.weight'\) of param group 1 lacks the tensor 'exp_avg_sq'",
         ),
         (_drop(4, "step"), r"state of parameter 1 \('out.bias'\) of param group 1 lacks 'step'"),
+        (
+            _set(0, "step", "three"),
+            r"state 'step' of parameter 0 \('scale'\) of param group 0 is 'three'; a number or a one-element",
+        ),
+        (
+            _set(2, "step", torch.ones(2)),
+            r"state 'step' of parameter 2 \('hidden.bias'\) of param group 0 is tensor\(\[1., 1.\]\); a number",
+        ),
     ],
     ids=[
         "not-a-dict",
@@ -450,6 +463,8 @@ def _move_param_to_group_0(state_dict: dict[str, Any]) -> dict[str, Any]:
         "state-of-another-shape",
         "lacks-exp_avg_sq",
         "lacks-step",
+        "step-not-a-number",
+        "step-of-two-elements",
     ],
 )
 def test_failed_load_state_dict_leaves_optimizer_unchanged(
@@ -457,7 +472,7 @@ def test_failed_load_state_dict_leaves_optimizer_unchanged(
 ) -> None:
     model, optimizer = _trained()
     twin, reference = _trained()
-    groups, state = snapshot_groups(optimizer), optimizer.state_dict()
+    groups, state, weights = snapshot_groups(optimizer), optimizer.state_dict(), flat_params(model)
     bad = corrupt(_with_lr(copy.deepcopy(state)))
 
     with pytest.raises(ValueError, match=match):
@@ -465,6 +480,7 @@ def test_failed_load_state_dict_leaves_optimizer_unchanged(
 
     assert_groups_unchanged(optimizer, groups)
     assert_identical(optimizer.state_dict(), state)
+    assert_identical(flat_params(model), weights)
     for step in (2, 3):
         train_step(model, optimizer, step)
         train_step(twin, reference, step)
@@ -479,6 +495,170 @@ def test_load_state_dict_control() -> None:
     optimizer.load_state_dict(_with_lr(source.state_dict()))
     assert [group["lr"] for group in optimizer.param_groups] == [LOAD_LR, LOAD_LR]
     assert_identical(optimizer.state_dict(), _with_lr(source.state_dict()))
+
+
+# ---------------------------------------------------------------- checkpoint.save and checkpoint.load
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A complete checkpoint of the two-group Adam run of two steps, without a scheduler."""
+    model, optimizer = _trained()
+    path = tmp_path_factory.mktemp("checkpoint") / "good"
+    checkpoint.save(path, model=model, optimizer=optimizer)
+    return path
+
+
+def _target(name: str = "adam", model: nn.Module | None = None) -> tuple[nn.Module, ShardedOptimizer]:
+    """What a load goes into: another run (other weights, one step), so that a partial load would show."""
+    model = model or make_model(seed=1)
+    optimizer = ShardedOptimizer(_grouped(model), name)
+    train_step(model, optimizer, 5)
+    return model, optimizer
+
+
+def _copy(good: pathlib.Path, directory: pathlib.Path, damage: Callable[[pathlib.Path], Any]) -> pathlib.Path:
+    copy = directory / "damaged"
+    shutil.copytree(good, copy)
+    damage(copy)
+    return copy
+
+
+def _truncate(path: pathlib.Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _wider() -> nn.Module:
+    model = make_model(seed=1)
+    model.hidden, model.out = nn.Linear(7, 6), nn.Linear(6, 3)
+    return model
+
+
+# Per case: (checkpoint path, model, optimizer, other keywords of load) from the good checkpoint and a directory.
+LoadCase = Callable[[pathlib.Path, pathlib.Path], tuple[pathlib.Path, nn.Module, Any, dict[str, Any]]]
+LOAD_CASES: dict[str, tuple[LoadCase, str]] = {
+    "missing": (lambda good, tmp: (tmp / "nope", *_target(), {}), r"nope is not a checkpoint directory"),
+    "incomplete": (
+        lambda good, tmp: (_copy(good, tmp, lambda c: (c / "COMPLETE").unlink()), *_target(), {}),
+        r"damaged is an incomplete checkpoint: it has no COMPLETE marker",
+    ),
+    "truncated": (
+        lambda good, tmp: (_copy(good, tmp, lambda c: _truncate(c / "__0_0.distcp")), *_target(), {}),
+        r"__0_0\.distcp is truncated",
+    ),
+    "scheduler-not-saved": (
+        lambda good, tmp: (good, *(target := _target()), {"scheduler": torch.optim.lr_scheduler.StepLR(target[1], 1)}),
+        r"good holds no scheduler state; load it without that scheduler=",
+    ),
+    "other-algorithm": (lambda good, tmp: (good, *_target("sgd"), {}), r"holds Adam state but the optimizer runs SGD"),
+    "other-model": (
+        lambda good, tmp: (good, *_target(model=_wider()), {}),
+        r"belongs to a different model: model\.hidden\.weight is float32 of shape \(5, 7\)",
+    ),
+    "model-of-another-optimizer": (
+        lambda good, tmp: (good, make_model(seed=2), _target()[1], {}),
+        r"parameter 0 \('scale'\) of param group 0 is not a parameter of the model given",
+    ),
+    "torch-optimizer": (
+        lambda good, tmp: (good, model := make_model(seed=1), torch.optim.Adam(model.parameters()), {}),
+        r"optimizer= is a torch\.optim\.adam\.Adam, whose state sharded checkpoints cannot hold",
+    ),
+}
+
+
+def _weights(model: nn.Module, optimizer: Any) -> torch.Tensor:
+    """The model's parameters and the optimizer's (the same tensors, unless a case gives another model)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return torch.cat([flat_params(model), *(p.detach().reshape(-1) for p in params)])
+
+
+@pytest.mark.parametrize("case", list(LOAD_CASES))
+def test_failed_checkpoint_load_leaves_model_and_optimizer_unchanged(
+    case: str, good_checkpoint: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    make, match = LOAD_CASES[case]
+    path, model, optimizer, kwargs = make(good_checkpoint, tmp_path)
+    groups, state, weights = snapshot_groups(optimizer), optimizer.state_dict(), _weights(model, optimizer)
+
+    with pytest.raises(CheckpointError, match=match):
+        checkpoint.load(path, model=model, optimizer=optimizer, **kwargs)
+
+    assert_groups_unchanged(optimizer, groups)
+    assert_identical(optimizer.state_dict(), state)
+    assert_identical(_weights(model, optimizer), weights)
+
+
+def test_checkpoint_load_control(good_checkpoint: pathlib.Path) -> None:
+    """The good checkpoint the failure cases start from loads: their errors come from the damage."""
+    model, optimizer = _target()
+    checkpoint.load(good_checkpoint, model=model, optimizer=optimizer)
+    trained_model, trained = _trained()
+    assert_identical(optimizer.state_dict(), trained.state_dict())
+    assert_identical(flat_params(model), flat_params(trained_model))
+
+
+@pytest.mark.parametrize(
+    ("keywords", "match"),
+    [
+        (lambda model, optimizer: {"extra": [1]}, r"extra must be a dict, got list"),
+        (
+            lambda model, optimizer: {"optimizer": torch.optim.Adam(model.parameters())},
+            r"optimizer= is a torch\.optim\.adam\.Adam, whose state sharded checkpoints cannot hold",
+        ),
+        (
+            lambda model, optimizer: {"model": make_model(seed=2)},
+            r"parameter 0 \('scale'\) of param group 0 is not a parameter of the model given",
+        ),
+        (
+            lambda model, optimizer: {"scheduler": [None, None]},
+            r"scheduler= has 2 entries but optimizer= has 1: pass one scheduler \(or None\) per optimizer",
+        ),
+    ],
+    ids=["extra-not-a-dict", "torch-optimizer", "model-of-another-optimizer", "schedulers-per-optimizer"],
+)
+def test_failed_checkpoint_save_writes_nothing(
+    keywords: Callable[[nn.Module, Any], dict[str, Any]], match: str, tmp_path: pathlib.Path
+) -> None:
+    model, optimizer = _trained()
+    with pytest.raises(CheckpointError, match=match):
+        checkpoint.save(tmp_path / "new", **{"model": model, "optimizer": optimizer, **keywords(model, optimizer)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_save_never_replaces_what_is_not_a_checkpoint(tmp_path: pathlib.Path) -> None:
+    model, optimizer = _trained()
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"notes\.txt exists and is not a complete shardopt checkpoint"):
+        checkpoint.save(tmp_path / "notes.txt", model=model, optimizer=optimizer)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------- python -m shardopt.checkpoint
+
+
+def test_checkpoint_cli_export_of_a_missing_directory_fails_naming_it(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert checkpoint_cli(["export", str(tmp_path / "nope"), str(tmp_path / "out.pt")]) == 1
+    assert "nope is not a checkpoint directory" in capsys.readouterr().err
+    assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["explode"], "argument command: invalid choice: 'explode'"),
+        (["export", "only-the-directory"], "the following arguments are required: output"),
+    ],
+    ids=["unknown-command", "missing-output"],
+)
+def test_checkpoint_cli_usage_errors_exit_2_naming_the_argument(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_status:
+        checkpoint_cli(argv)
+    assert exit_status.value.code == 2
+    assert says in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- disagreements between ranks

@@ -14,7 +14,8 @@ from torch import nn
 import shardopt
 from shardopt import checkpoint
 from shardopt.fingerprint import DesyncError, check, stable_hash
-from tests.common import flat_params, loss_of, make_model
+from shardopt.phases import ranks_text
+from tests.common import assert_identical, flat_params, loss_of, make_model
 from tests.world import run_world
 
 
@@ -71,12 +72,14 @@ def desync_cases(directory: pathlib.Path) -> dict[str, str]:
         saved = optimizer.state_dict()
         if odd:  # as if the last rank had saved a step later
             saved["state"][0]["step"] += 1
-        other = shardopt.Adam(make_model().parameters(), lr=1e-2)
-        before = other.state_dict()
+        other_model = make_model(seed=1)
+        other = shardopt.Adam(other_model.parameters(), lr=1e-2)
+        train(other, other_model, rank, 2)  # state of its own, that a partial load would change
+        before = other.state_dict(), flat_params(other_model)
         try:
             other.load_state_dict(saved)
         finally:
-            assert other.state_dict() == before, "a failed load_state_dict changed the optimizer"
+            assert_identical((other.state_dict(), flat_params(other_model)), before)
         return other
 
     def scheduler_on_one_rank() -> shardopt.ShardedOptimizer:
@@ -94,13 +97,14 @@ def desync_cases(directory: pathlib.Path) -> dict[str, str]:
         for name in ("one", "two"):
             train(optimizer, model, rank, 1)
             checkpoint.save(directory / name, model=model, optimizer=optimizer)
-        fresh = make_model()
+        fresh = make_model(seed=1)
         other = shardopt.Adam(fresh.parameters(), lr=1e-2)
-        before = flat_params(fresh)
+        train(other, fresh, rank, 1)
+        before = other.state_dict(), flat_params(fresh)
         try:
             checkpoint.load(directory / ("two" if odd else "one"), model=fresh, optimizer=other)
         finally:
-            assert torch.equal(flat_params(fresh), before), "a failed load changed the model"
+            assert_identical((other.state_dict(), flat_params(fresh)), before)
         return other
 
     def muon_lr() -> Any:
@@ -160,6 +164,44 @@ def test_ranks_that_differ_get_the_same_error_naming_the_difference(world_size: 
     # The same case gives the same error on every rank but for "this rank's value", which may differ.
     for name in EXPECTED:
         assert len({found[name].split(":")[0] for found in per_rank}) == 1, name
+
+
+STEP_DESYNC_TIMEOUT = 3  # seconds: the rank one step() ahead waits this long in that step for the others
+
+
+def one_step_more(directory: pathlib.Path, call: str) -> tuple[str, str]:
+    """Rank 1 calls step() once more than the others, then every rank makes ``call``: what each raised."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    model = make_model()
+    optimizer = shardopt.Adam(model.parameters(), lr=1e-2, timeout=STEP_DESYNC_TIMEOUT)
+    try:
+        train(optimizer, model, rank, 2 if rank == 1 else 1)
+        if call == "state_dict()":
+            optimizer.state_dict()
+        else:
+            checkpoint.save(directory / "checkpoint", model=model, optimizer=optimizer)
+    except Exception as error:
+        return type(error).__name__, str(error)
+    return "no error", ""
+
+
+@pytest.mark.parametrize(("call", "world_size"), [("state_dict()", 3), ("checkpoint.save", 2)])
+def test_a_rank_with_one_step_more_is_a_desync_error_naming_the_step_counts(
+    call: str, world_size: int, tmp_path: pathlib.Path
+) -> None:
+    # A world of its own: rank 1 leaves its extra step's collectives pending.
+    per_rank = run_world(one_step_more, world_size, tmp_path, call, fresh=True)
+    others = [rank for rank in range(world_size) if rank != 1]
+    counts = f"{ranks_text(others)} {'is' if len(others) == 1 else 'are'} in {call} after 1 step() call"
+    for rank, (kind, message) in enumerate(per_rank):
+        assert kind == "DesyncError", f"rank {rank}: {kind}: {message}"
+        assert "rank 1 is in step() call 2" in message and counts in message, f"rank {rank}: {message}"
+    # The others find rank 1 on the phase board before any collective; rank 1 waits in its step.
+    for rank in others:
+        assert per_rank[rank][1].startswith(f"ranks disagree at {call} after 1 step() call: "), per_rank[rank]
+    assert f"did not complete (the timeout is {STEP_DESYNC_TIMEOUT} s)" in per_rank[1][1], per_rank[1]
 
 
 def test_hashes_are_stable_and_a_world_of_one_checks_nothing() -> None:

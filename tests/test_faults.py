@@ -1,9 +1,11 @@
-"""A rank that dies mid-training: the others raise a clear error within the timeout, and the last
-good checkpoint stays loadable.
+"""A rank that dies or gets stuck mid-training: the others raise a clear error within the timeout,
+naming that rank and the last call it entered, and the last good checkpoint stays loadable.
 
 The last rank of a 3-rank world exits abruptly (``os._exit``) in backward, in step() or just
-before a checkpoint save; the survivors record what they raised and how long it took in files.
-The world is spawned here rather than by tests.world, which ends a call as soon as a rank dies.
+before a checkpoint save, or stops (alive, calling nothing) before backward; or rank 0, hosting
+the TCPStore, dies in step(). The survivors record what they raised and how long it took in
+files. The world is spawned here rather than by tests.world, which ends a call as soon as a
+rank dies.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import multiprocessing as mp
 import os
 import pathlib
+import re
+import socket
 import time
 from datetime import timedelta
 from typing import Any
@@ -20,19 +24,30 @@ import pytest
 
 import shardopt
 from shardopt import checkpoint
+from shardopt.phases import UNREADABLE, Phase, Survey
 from tests.common import loss_of, make_model
 from tests.world import run_world
 
 TIMEOUT = 5  # seconds: the optimizer's bound on every collective
-FAULTS = ("backward", "step", "save")
 VICTIM_STEP = 2
+# Per fault, the last call the victim entered (step() call 1 comes before the loop, and every step is
+# followed by a checkpoint save): what the survivors' errors must say of it.
+LAST_ENTERED = {
+    "backward": f"checkpoint.save after {VICTIM_STEP} step() calls",
+    "step": f"checkpoint.save after {VICTIM_STEP} step() calls",
+    "save": f"step() call {VICTIM_STEP + 1}",
+    "stuck": f"checkpoint.save after {VICTIM_STEP} step() calls",
+}
+CULPRITS = re.compile(r"\branks? ([\d, ]+) did not answer")
+# Rank 0 hosts the world's TCPStore (as without torchrun) and dies in step(): the phase board goes with it.
+STORE_HOST = "store host"
 
 
 def faulty_run(directory: pathlib.Path, fault: str) -> None:
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    victim = rank == world - 1
+    victim = rank == (0 if fault == STORE_HOST else world - 1)
     model = make_model()
     optimizer = shardopt.Adam(model.parameters(), lr=1e-2, timeout=TIMEOUT)
     optimizer.zero_grad()
@@ -43,11 +58,14 @@ def faulty_run(directory: pathlib.Path, fault: str) -> None:
     try:
         for step in range(1, 4):
             optimizer.zero_grad()
+            if victim and step == VICTIM_STEP and fault == "stuck":
+                time.sleep(3 * TIMEOUT)  # alive, but calling nothing until the others have given up
+                os._exit(3)
             loss = loss_of(model, rank, step)
             if victim and step == VICTIM_STEP and fault == "backward":
                 loss.register_hook(lambda grad: os._exit(3))
             loss.backward()
-            if victim and step == VICTIM_STEP and fault == "step":
+            if victim and step == VICTIM_STEP and fault in ("step", STORE_HOST):
                 os._exit(3)
             optimizer.step()
             if victim and step == VICTIM_STEP and fault == "save":
@@ -60,13 +78,16 @@ def faulty_run(directory: pathlib.Path, fault: str) -> None:
     (directory / f"rank{rank}.json").write_text(json.dumps(outcome))
 
 
-def _fault_rank(rank: int, world_size: int, directory: pathlib.Path, fault: str) -> None:
+def _fault_rank(rank: int, world_size: int, directory: pathlib.Path, fault: str, port: int) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    store = dist.FileStore(str(directory / "store"), world_size)
+    if fault == STORE_HOST:
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0, timeout=timedelta(seconds=60))
+    else:
+        store = dist.FileStore(str(directory / "store"), world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     faulty_run(directory, fault)
     os._exit(0)  # no teardown: the process group has a dead member
@@ -75,8 +96,11 @@ def _fault_rank(rank: int, world_size: int, directory: pathlib.Path, fault: str)
 def run_with_a_death(directory: pathlib.Path, fault: str, world_size: int = 3) -> list[int | None]:
     """Each rank's exit code (None: still running after two minutes, then killed)."""
     context = mp.get_context("spawn")
+    with socket.socket() as probe:  # a free port for the TCPStore (only the store-host fault uses one)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     ranks = [
-        context.Process(target=_fault_rank, args=(rank, world_size, directory, fault), daemon=True)
+        context.Process(target=_fault_rank, args=(rank, world_size, directory, fault, port), daemon=True)
         for rank in range(world_size)
     ]
     for process in ranks:
@@ -98,15 +122,45 @@ def load_last_good(directory: pathlib.Path) -> float:
     return float(optimizer.state_dict()["state"][0]["step"])
 
 
-@pytest.mark.parametrize("fault", FAULTS)
-def test_a_dead_rank_is_an_error_on_every_other_rank_within_the_timeout(fault: str, tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("fault", LAST_ENTERED)
+def test_a_dead_or_stuck_rank_is_an_error_naming_it_on_every_other_rank(fault: str, tmp_path: pathlib.Path) -> None:
     assert run_with_a_death(tmp_path, fault) == [0, 0, 3]
     for rank in (0, 1):
-        outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert outcome["error"] is not None, f"rank {rank} went on as if nothing happened ({fault})"
-        assert "did not complete" in outcome["error"] or "died" in outcome["error"], outcome["error"]
-        # The checkpoint save that completed after step 1 took some seconds too; the error itself
-        # comes within the timeout.
-        assert outcome["seconds"] < 3 * TIMEOUT + 10, outcome
+        outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())  # the error, and the seconds to it
+        error = outcome["error"]
+        assert error is not None, f"rank {rank} went on as if nothing happened ({fault})"
+        assert error.startswith("RuntimeError: shardopt: ") and "did not complete" in error, outcome
+        culprits = CULPRITS.search(error)
+        assert culprits is not None and culprits.group(1) == "2", outcome
+        last = f"the last call rank 2 entered is {LAST_ENTERED[fault]} (this rank and rank {1 - rank} are in "
+        assert last in error, outcome
     # The last checkpoint published before the death is whole and loads (at another world size).
     assert run_world(load_last_good, 2, tmp_path) == [VICTIM_STEP, VICTIM_STEP]
+
+
+def test_a_dead_store_host_is_said_rather_than_waited_for(tmp_path: pathlib.Path) -> None:
+    assert run_with_a_death(tmp_path, STORE_HOST) == [3, 0, 0]
+    for rank in (1, 2):
+        outcome = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        error = outcome["error"]
+        assert error is not None and error.startswith("RuntimeError: shardopt: "), outcome
+        assert f"did not complete (the timeout is {TIMEOUT} s): {UNREADABLE}: " in error, outcome
+
+
+def test_the_board_names_the_ranks_behind_and_those_in_another_call() -> None:
+    """What a rank in step() call 3 makes of the others' entries (pure: no process group)."""
+    mine = Phase(3, 3, "step()")
+    assert Phase.decode(mine.encode()) == mine
+    behind = Survey(mine, 0, {0: mine, 1: mine, 2: Phase(2, 2, "checkpoint.save"), 3: None})
+    assert (behind.behind, behind.astray) == ([2, 3], [])
+    assert behind.explain() == (
+        "ranks 2, 3 did not answer: the last call rank 2 entered is checkpoint.save after 2 step() calls; "
+        "rank 3 posted nothing on the phase board (this rank and rank 1 are in step() call 3)"
+    )
+    together = Survey(mine, 1, {0: mine, 1: mine})
+    assert together.explain().startswith("every rank is in step() call 3: one of them may be stuck inside it")
+    # Entered as many calls, but this one is a state_dict() after one step fewer: a desync, not a delay.
+    elsewhere = Survey(Phase(3, 2, "state_dict()"), 0, {0: Phase(3, 2, "state_dict()"), 1: mine})
+    assert elsewhere.astray == [1]
+    story = elsewhere.explain()
+    assert story.endswith("rank 0 is in state_dict() after 2 step() calls while rank 1 is in step() call 3"), story

@@ -225,7 +225,8 @@ def test_gradients_accumulated_in_place_across_backward_passes(stage: int) -> No
 
 
 def stuck_peer() -> dict[str, Any]:
-    """Rank 1 never calls step(): rank 0's step must raise within its timeout, naming the collective."""
+    """Rank 1 never calls step(): rank 0's step must raise within its timeout, naming the collective
+    and the rank that did not answer."""
     import time
 
     import torch.distributed as dist
@@ -250,8 +251,9 @@ def test_a_peer_that_never_steps_is_an_error_within_the_timeout() -> None:
     result = run_world(stuck_peer, 2, fresh=True)[0]
     assert result["error"] is not None
     assert (
-        "the gradient reduce-scatter (step() call 1) on rank 0 of 2 did not complete (the timeout is 2 s)"
-        in (result["error"])
+        "the agreement on gradients and loss at the start of step() (step() call 1) on rank 0 of 2 did not "
+        "complete (the timeout is 2 s): rank 1 did not answer: the last call rank 1 entered is the optimizer's "
+        "construction" in result["error"]
     )
     assert result["seconds"] < 10
 

@@ -47,6 +47,9 @@ CASES: list[tuple[str, dict[str, Any], torch.dtype, int]] = [
     ("optimal-at-once", {"tolerance_grad": 1e3}, torch.float64, 2),
     ("fixed-step-fp32", {"history_size": 3, "max_iter": 5}, torch.float32, 3),
     ("strong-wolfe-fp32", {"history_size": 3, "max_iter": 7, "line_search_fn": "strong_wolfe"}, torch.float32, 2),
+    # No iteration: one closure call per step, nothing moves, the state holds None (torch accepts max_iter <= 0).
+    ("no-iterations", {"max_iter": 0}, torch.float64, 2),
+    ("negative-max-iter", {"max_iter": -1, "line_search_fn": "strong_wolfe"}, torch.float64, 1),
 ]
 
 
@@ -357,6 +360,62 @@ def test_bad_input_raises_torchs_errors() -> None:
         with pytest.raises(RuntimeError, match="only 'strong_wolfe' is supported"):
             optimizer.step(closure)
         assert len(calls) == 1, cls  # as torch: the closure ran once before the error
+
+
+def _closure(optimizer: torch.optim.Optimizer, model: nn.Module) -> Any:
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = _loss(model, 0, 0, torch.float32)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_other_bad_values_behave_as_torchs() -> None:
+    """torch does not validate max_iter or history_size: None fails at construction, 0 history at the
+    second iteration; shardopt fails alike."""
+    model = make_model()
+    for cls in (torch.optim.LBFGS, ShardedLBFGS):
+        with pytest.raises(TypeError, match="unsupported operand type"):
+            cls(model.parameters(), max_iter=None)
+        optimizer = cls(model.parameters(), history_size=0)
+        with pytest.raises(IndexError, match="pop from empty list"):
+            optimizer.step(_closure(optimizer, model))
+
+
+def test_a_state_without_iterations_loads_both_ways_and_training_goes_on() -> None:
+    """After max_iter=0 steps every vector of the state is None: torch's state loads into ShardedLBFGS
+    and ShardedLBFGS's into torch, and with max_iter raised both continue alike."""
+    runs = {}
+    for first, second in ((torch.optim.LBFGS, ShardedLBFGS), (ShardedLBFGS, torch.optim.LBFGS)):
+        model = _model(torch.float64)
+        before = first(model.parameters(), max_iter=0)
+        _run(before, model, [0, 1], torch.float64, range(2))
+        after = second(model.parameters())
+        after.load_state_dict(before.state_dict())
+        after.param_groups[0]["max_iter"] = 3  # the loaded group says 0
+        runs[second] = _run(after, model, [0, 1], torch.float64, range(2, 4))
+        runs[second]["state_dict"] = after.state_dict()
+    ours, theirs = runs[ShardedLBFGS], runs[torch.optim.LBFGS]
+    assert ours["calls"] == theirs["calls"]
+    assert_trajectories_close(ours["params"], theirs["params"], "resumed", **TOLERANCES[torch.float64])
+    assert_state_dicts_equal(ours["state_dict"], theirs["state_dict"], "resumed", **STATE_TOLERANCES[torch.float64])
+
+
+def test_grad_scaler_and_clipping_are_refused_clearly() -> None:
+    """torch's GradScaler refuses closures, which every LBFGS step needs; clipping has no place in it."""
+    model = make_model()
+    optimizer = ShardedLBFGS(model.parameters())
+    for scaler in (shardopt.GradScaler("cpu"), torch.amp.GradScaler("cpu")):
+        scaler.scale(_loss(model, 0, 0, torch.float32)).backward()
+        with pytest.raises(TypeError, match="a GradScaler cannot drive LBFGS: its step\\(\\) re-evaluates the closure"):
+            scaler.step(optimizer, _closure(optimizer, model))
+    assert not optimizer.state, "nothing ran"
+    with pytest.raises(RuntimeError, match="clip_grad_norm_ is not supported for LBFGS"):
+        optimizer.clip_grad_norm_(1.0)
+    optimizer.step(_closure(optimizer, model))  # and it still steps without a scaler
+    assert optimizer.state
 
 
 def test_load_rejects_another_models_state() -> None:

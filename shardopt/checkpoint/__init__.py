@@ -3,8 +3,10 @@
     shardopt.checkpoint.save(path, model=model, optimizer=opt, scheduler=sched, extra={"epoch": 3})
     extra = shardopt.checkpoint.load(path, model=model, optimizer=opt, scheduler=sched)
 
-Every rank writes, and reads, only its own shard of the optimizer state; a checkpoint saved
-at one world size loads at any other. ``path`` is a directory in DCP's format (DCP's own
+Every rank writes, and reads, only its own shard of the optimizer state (whatever the
+algorithm: element ranges, whole tensors on owners, rows, LBFGS's slices); a checkpoint saved
+at one world size loads at any other. ``optimizer=`` may be a list (Muon + AdamW), and
+``scheduler=`` then one per optimizer. ``path`` is a directory in DCP's format (DCP's own
 tools read it) plus a JSON manifest; it is replaced only once a new save is complete.
 Loading never unpickles anything but DCP's metadata, through an allow-list.
 

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     export_command = commands.add_parser(
         "export",
         help="consolidate a checkpoint into one torch.save file: {'model', 'optimizer' (torch.optim's format), "
-        "'scheduler', 'extra'}; needs no process group",
+        "'scheduler', 'extra'} ('optimizer' and 'scheduler' are lists for several optimizers); needs no process group",
     )
     export_command.add_argument("directory", help="the checkpoint directory shardopt.checkpoint.save wrote")
     export_command.add_argument("output", help="the .pt file to write")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +21,15 @@ from .errors import CheckpointError
 
 TUPLE, PAIRS, TENSOR = "__tuple__", "__pairs__", "__tensor__"
 TENSOR_PREFIX = "shardopt.tensor."
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A tensor the checkpoint holds under its own DCP ``key`` (written in pieces by the ranks that hold
+    them), which an encoded value refers to rather than holding it."""
+
+    key: str
+    device: str
 
 
 class Encoder:
@@ -35,6 +45,8 @@ class Encoder:
             return int(value)
         if isinstance(value, numbers.Real):
             return float(value)
+        if isinstance(value, Stored):
+            return {TENSOR: value.key, "device": value.device}
         if isinstance(value, Tensor):
             key = f"{TENSOR_PREFIX}{len(self.tensors)}"
             self.tensors[key] = value.detach()

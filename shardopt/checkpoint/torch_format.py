@@ -8,7 +8,7 @@ import math
 import os
 import pathlib
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -21,7 +21,8 @@ from . import manifest as manifests
 from .chunks import LoadPlanner
 from .encoding import decode, tensor_keys
 from .errors import CheckpointError
-from .storage import SafeReader, read_manifest, tensor_metadata
+from .part import Staging, listed
+from .storage import SafeReader, read_manifest
 
 
 def consolidate(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -30,55 +31,78 @@ def consolidate(path: str | os.PathLike[str]) -> dict[str, Any]:
         {"model": model.state_dict(), "optimizer": torch.optim's state_dict(),
          "scheduler": scheduler.state_dict() or None, "extra": {...}}
 
-    Needs no process group; holds the full optimizer state in memory.
+    For a checkpoint of several optimizers, ``"optimizer"`` and ``"scheduler"`` are lists, one
+    entry per optimizer in the order they were saved. Needs no process group; holds the full
+    optimizer state in memory.
     """
     path = pathlib.Path(os.fspath(path))
-    manifest = read_manifest(path)
+    manifest = manifests.upgraded(read_manifest(path))
     reader = SafeReader(path)
-    metadata = reader.read_metadata()
+    staging = Staging(path, reader.read_metadata())
     keys = [manifests.model_key(key) for key, _, _ in manifest["model"]]
-    for record in manifest["params"]:
-        for name in record["scalar_state"]:
-            keys.append(manifests.state_key(record["name"], name))
-        if math.prod(record["shape"]) == 0:
-            continue  # element-wise state of no elements: nothing was written
-        for name in record["tensor_state"] + ([manifests.MASTER] if record.get("master") else []):
-            keys.append(manifests.state_key(record["name"], name))
-    for name in ("param_groups", "scheduler", "extra"):
-        keys.extend(tensor_keys(manifest[name]))
-    tensors = {}
+    for position, record in enumerate(manifest["optimizers"]):
+        for param in record["params"]:
+            for name in param["scalar_state"]:
+                keys.append(manifests.state_key(param["name"], name, position))
+            if math.prod(param["shape"]) == 0:
+                continue  # state of no elements: nothing was written
+            for name in param["tensor_state"] + ([manifests.MASTER] if param.get("master") else []):
+                keys.append(manifests.state_key(param["name"], name, position))
+    keys += tensor_keys(manifests.encoded_values(manifest))
     for key in keys:
-        saved = tensor_metadata(metadata, key, path)
-        tensors[key] = torch.empty(saved.size, dtype=saved.properties.dtype)
-    dcp.load(tensors, storage_reader=reader, planner=LoadPlanner(), no_dist=True)
-
-    state, masters = {}, {}
-    for number, record in enumerate(manifest["params"]):
-        if record.get("master"):
-            master = tensors.get(manifests.state_key(record["name"], manifests.MASTER))
-            masters[number] = (torch.zeros(0) if master is None else master).view(record["shape"])
-        if not record["scalar_state"] and not record["tensor_state"]:
-            continue
-        entry = {name: tensors[manifests.state_key(record["name"], name)] for name in record["scalar_state"]}
-        for name in record["tensor_state"]:
-            flat = tensors.get(manifests.state_key(record["name"], name))
-            if flat is None:  # a parameter of no elements
-                flat = torch.zeros(0, dtype=getattr(torch, record["dtype"]))
-            entry[name] = flat.view(record["shape"])
-        state[number] = entry
+        size, dtype = staging.saved(key)
+        staging.entries[key] = torch.empty(size, dtype=dtype)
+    dcp.load(staging.entries, storage_reader=reader, planner=LoadPlanner(), no_dist=True)
+    tensors = staging.entries
 
     def tensor(key: str, device: str) -> torch.Tensor:
         return tensors[key]
 
-    optimizer = {"state": state, "param_groups": decode(manifest["param_groups"], tensor)}
-    if masters:
-        optimizer[state_format.MASTER_KEY] = masters
+    records = manifest["optimizers"]
+    optimizers = [_torch_state(record, position, tensors, tensor) for position, record in enumerate(records)]
+    schedulers = [decode(record["scheduler"], tensor) for record in records]
+    several = len(records) > 1
     return {
         "model": {key: tensors[manifests.model_key(key)] for key, _, _ in manifest["model"]},
-        "optimizer": optimizer,
-        "scheduler": decode(manifest["scheduler"], tensor),
+        "optimizer": optimizers if several else optimizers[0],
+        "scheduler": schedulers if several else schedulers[0],
         "extra": decode(manifest["extra"], tensor),
     }
+
+
+def _torch_state(
+    record: dict[str, Any], position: int, tensors: dict[str, Any], tensor: Callable[[str, str], torch.Tensor]
+) -> dict[str, Any]:
+    """One optimizer's record and tensors as torch.optim's ``state_dict()``."""
+    state, masters = {}, {}
+    for number, param in enumerate(record["params"]):
+
+        def read(name: str, param: dict[str, Any] = param) -> Any:
+            return tensors.get(manifests.state_key(param["name"], name, position))
+
+        if param.get("master"):
+            master = read(manifests.MASTER)
+            masters[number] = (torch.zeros(0) if master is None else master).view(param["shape"])
+        if not param["scalar_state"] and not param["tensor_state"]:
+            continue
+        # int64 scalars are Python ints in torch's state (SparseAdam's step).
+        entry = {name: _python_int(read(name)) for name in param["scalar_state"]}
+        for name in param["tensor_state"]:
+            flat = read(name)
+            if flat is None:  # a parameter of no elements
+                flat = torch.zeros(0, dtype=getattr(torch, param["dtype"]))
+            entry[name] = flat.view(param.get("state_shapes", {}).get(name, param["shape"]))
+        state[number] = entry
+    if record.get("state"):  # state kept whole in the manifest (LBFGS), its vectors by reference
+        state.update(decode(record["state"], tensor))
+    optimizer = {"state": state, "param_groups": decode(record["param_groups"], tensor)}
+    if masters:
+        optimizer[state_format.MASTER_KEY] = masters
+    return optimizer
+
+
+def _python_int(value: torch.Tensor) -> Any:
+    return int(value) if value.dtype == torch.int64 else value
 
 
 def export(path: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
@@ -93,7 +117,7 @@ def export(path: str | os.PathLike[str], output: str | os.PathLike[str]) -> None
 def load_torch(
     source: str | os.PathLike[str] | Mapping[str, Any],
     *,
-    optimizer: ShardedOptimizer,
+    optimizer: Any,
     model: nn.Module | None = None,
     scheduler: Any = None,
 ) -> dict[str, Any]:
@@ -101,9 +125,13 @@ def load_torch(
 
     ``source`` is a file :func:`export` wrote (or any ``torch.save`` file of such a dict), or a
     dict: the same, or a plain torch.optim ``state_dict()``. A file is read with
-    ``weights_only=True``. Collective, like ``optimizer.load_state_dict``: every rank calls it.
-    Everything is checked before anything changes.
+    ``weights_only=True``. ``optimizer`` and ``scheduler`` are one each or lists, as for
+    :func:`save` (the file then holds lists, as :func:`export` writes them). Collective, like
+    ``optimizer.load_state_dict``: every rank calls it. Everything is checked before anything
+    changes (with several optimizers, those loaded before one that refuses its state get their
+    own back).
     """
+    optimizers, schedulers = listed(optimizer, scheduler)
     if isinstance(source, Mapping):
         bundle, where = source, "the state dict given"
     else:
@@ -124,25 +152,51 @@ def load_torch(
         raise CheckpointError(
             f"{where} is neither a torch.optim state dict nor an exported checkpoint (a dict with 'optimizer')"
         )
+    states, saved_schedulers = _per_optimizer(bundle, len(optimizers), where)
     model_state = bundle.get("model")
     if model is not None:
         if model_state is None:
             raise CheckpointError(f"{where} holds no model state; call load_torch without model=")
         _check_model_state(model, model_state, where)
-    if scheduler is not None and bundle.get("scheduler") is None:
-        raise CheckpointError(f"{where} holds no scheduler state; call load_torch without scheduler=")
-    try:
-        optimizer.load_state_dict(bundle["optimizer"])
-    except ValueError as error:
-        raise CheckpointError(f"{where}: {error}") from error
+    for position, (mine, saved) in enumerate(zip(schedulers, saved_schedulers)):
+        if mine is not None and saved is None:
+            at = "" if len(schedulers) == 1 else f" for optimizer {position}"
+            raise CheckpointError(f"{where} holds no scheduler state{at}; call load_torch without that scheduler=")
+    previous = [earlier.state_dict() for earlier in optimizers[:-1]]  # to undo loads before a refusal
+    for position, (target, state) in enumerate(zip(optimizers, states)):
+        try:
+            target.load_state_dict(state)
+        except ValueError as error:
+            for earlier, saved in zip(optimizers[:position], previous):
+                earlier.load_state_dict(saved)
+            at = "" if len(optimizers) == 1 else f" (optimizer {position})"
+            raise CheckpointError(f"{where}{at}: {error}") from error
+    sharded = [(target, state) for target, state in zip(optimizers, states) if isinstance(target, ShardedOptimizer)]
     if model is not None:
-        optimizer.finish_param_gather()
+        for target, _ in sharded:
+            target.finish_param_gather()
         model.load_state_dict(model_state)
-        if state_format.MASTER_KEY not in bundle["optimizer"]:
-            optimizer.refresh_master_weights()
-    if scheduler is not None:
-        scheduler.load_state_dict(bundle["scheduler"])
+        for target, state in sharded:
+            if state_format.MASTER_KEY not in state:
+                target.refresh_master_weights()
+    for mine, saved in zip(schedulers, saved_schedulers):
+        if mine is not None:
+            mine.load_state_dict(saved)
     return dict(bundle.get("extra") or {})
+
+
+def _per_optimizer(bundle: Mapping[str, Any], count: int, where: str) -> tuple[list[Any], list[Any]]:
+    """The optimizer states and scheduler states of ``bundle``, one of each per optimizer."""
+    states, schedulers = bundle["optimizer"], bundle.get("scheduler")
+    if count == 1 and not isinstance(states, (list, tuple)):
+        return [states], [schedulers]
+    states = list(states) if isinstance(states, (list, tuple)) else [states]
+    if len(states) != count:
+        raise CheckpointError(
+            f"{where} holds the state of {len(states)} optimizer(s) but {count} were given (optimizer=): pass "
+            "them all, in the order they were saved"
+        )
+    return states, list(schedulers) if isinstance(schedulers, (list, tuple)) else [None] * count
 
 
 def _check_model_state(model: nn.Module, state: Mapping[str, Any], where: str) -> None:
