@@ -31,14 +31,16 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, layers: int, width: int, heads: int, context: int) -> None:
+    def __init__(self, layers: int, width: int, heads: int, context: int, sparse_tokens: bool = False) -> None:
         super().__init__()
-        self.tokens = nn.Embedding(VOCAB, width)
+        # sparse_tokens: the token embedding's gradient holds only the rows of the batch's tokens (SparseAdam's).
+        self.tokens = nn.Embedding(VOCAB, width, sparse=sparse_tokens)
         self.positions = nn.Embedding(context, width)
         self.blocks = nn.Sequential(*(Block(width, heads) for _ in range(layers)))
         self.norm = nn.LayerNorm(width)
         # Not tied to the token embedding: a parameter shared by two modules is one more thing to get right
-        # in every user's job, and this model is also what users copy.
+        # in every user's job, and this model is also what users copy. (Tied, a sparse token embedding
+        # would get the head's dense gradient too, which SparseAdam refuses.)
         self.head = nn.Linear(width, VOCAB, bias=False)
 
     def forward(self, tokens: Tensor, targets: Tensor) -> Tensor:

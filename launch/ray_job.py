@@ -14,11 +14,17 @@ import sys
 from typing import Any
 
 import ray
+import text
 import train
-from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train import Checkpoint, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
+from shardopt.checkpoint import CheckpointError
+
 LAUNCH = str(pathlib.Path(__file__).resolve().parent)
+
+# What train.py tells the user in one line: bad flags, data or checkpoint.
+USER_ERRORS = (train.UsageError, text.DataError, CheckpointError)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -69,6 +75,29 @@ def worker(config: dict[str, Any]) -> None:
         job_module.write_report(args.out, record)
 
 
+def root_error(error: BaseException) -> BaseException:
+    """The error behind what trainer.fit() raised: Ray wraps a worker's exception (by rank, in
+    WorkerGroupError.worker_failures), a controller's (ControllerError.controller_failure), or
+    chains it (__cause__). Down to the first of USER_ERRORS, else to the innermost."""
+    while not isinstance(error, USER_ERRORS):
+        failures = getattr(error, "worker_failures", None)
+        inner = failures[min(failures)] if failures else getattr(error, "controller_failure", None) or error.__cause__
+        if inner is None:
+            return error
+        error = inner
+    return error
+
+
+def failure_line(error: TrainingFailedError) -> tuple[str, int]:
+    """One line for the user and the exit status: 2 for train.py's own errors (its status), 1 otherwise
+    (a worker that died, a bug: its traceback is in the worker's log above)."""
+    root = root_error(error)
+    if isinstance(root, USER_ERRORS):
+        return f"ray_job.py: error: {root}", 2
+    first = next(iter(str(root).strip().splitlines()), "")
+    return f"ray_job.py: error: training failed: {type(root).__name__}: {first}", 1
+
+
 def main(argv: list[str] | None = None) -> None:
     ours, args = parse_args(argv)
     ray.init(address=ours.address)
@@ -78,7 +107,12 @@ def main(argv: list[str] | None = None) -> None:
         scaling_config=ScalingConfig(num_workers=ours.workers, use_gpu=ours.use_gpu),
         run_config=RunConfig(name=ours.name, storage_path=str(ours.storage)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as error:
+        line, status = failure_line(error)
+        sys.stderr.write(line + "\n")
+        sys.exit(status)
     print(f"latest checkpoint: {result.checkpoint.path if result.checkpoint else None}")
 
 

@@ -34,7 +34,8 @@ def write_plot(out: pathlib.Path, record: dict[str, Any]) -> pathlib.Path:
 
 def _loss_curves(axes: Any, record: dict[str, Any]) -> None:
     config = record["config"]
-    axes.plot(record["loss"], label=f"shardopt {config['optimizer']} (stage {config['stage']})")
+    optimizers = " + ".join(record["optimizers"])  # muon + adamw, sparseadam + adamw: one bar of their bytes
+    axes.plot(record["loss"], label=f"shardopt {optimizers} (stage {config['stage']})")
     if record.get("torch_loss"):
         # Dashed and on top: where the curves coincide the sharded one shows through the gaps.
         difference = record["max_abs_loss_difference"]
@@ -44,7 +45,8 @@ def _loss_curves(axes: Any, record: dict[str, Any]) -> None:
 
 
 def _memory_bars(axes: Any, record: dict[str, Any]) -> None:
-    """Per rank, the sharded bytes stacked by kind, next to what an unsharded optimizer holds on every rank."""
+    """Per rank, the sharded bytes stacked by kind, next to what unsharded torch.optim holds on every rank
+    (the sums over the job's optimizers)."""
     ranks = range(len(record["memory"]))
     width = 0.4
     for offset, label, per_rank in (

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import recipes
 import report
 import text
 import torch
@@ -30,7 +31,7 @@ from torch.optim import lr_scheduler
 from tqdm import tqdm
 
 import shardopt
-from shardopt.algorithms import whole_tensor_class
+from shardopt.algorithms import ALGORITHMS, is_lbfgs
 from shardopt.checkpoint import CheckpointError
 
 # Tests set this to kill the last rank abruptly after that step, as a lost node would be, to check that
@@ -64,12 +65,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--max-data-bytes", type=int, default=8 * 2**20, help="read at most this much text")
     model.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="the model's parameter dtype")
     optim = parser.add_argument_group("optimizer")
-    optim.add_argument("--optimizer", default="adamw", help="any torch.optim algorithm shardopt shards, by name")
+    optim.add_argument("--optimizer", default="adamw", help="any torch.optim algorithm, by name")
     optim.add_argument(
         "--opt-arg", type=key_value, action="append", default=[], metavar="KEY=VALUE", help="its keywords"
     )
     optim.add_argument("--stage", type=int, choices=(1, 2), default=2, help="1: state sharded; 2: gradients too")
     optim.add_argument("--lr", type=float, default=3e-3)
+    optim.add_argument(
+        "--aux-lr", type=float, default=3e-3, help="muon, sparseadam: the learning rate of AdamW, their partner"
+    )
     optim.add_argument(
         "--lr-schedule", default="warmup-cosine", help="warmup-cosine, constant, or a torch.optim.lr_scheduler class"
     )
@@ -148,28 +152,25 @@ class World:
 
 def make_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in --compare-torch's run
-    model = GPT(args.layers, args.width, args.heads, args.context).to(device)
+    model = GPT(args.layers, args.width, args.heads, args.context, recipes.sparse_tokens(args)).to(device)
     return model.to(torch.bfloat16) if args.precision == "bf16" else model
 
 
-# Algorithms this loop cannot drive, and why (the model's gradients are dense; step() takes no closure).
-UNFIT = {
-    "lbfgs": "LBFGS needs a closure that recomputes the loss; this loop calls step() without one",
-    "sparseadam": "SparseAdam takes sparse gradients (nn.Embedding(sparse=True)); this model's are dense",
-}
+# Only the element-wise algorithms have stages; Adafactor and Muon shard by whole tensors, LBFGS by
+# slices of its history, SparseAdam by rows.
+STAGED = {cls.__name__.lower() for cls in ALGORITHMS}
 
 
-def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    if args.optimizer.lower() in UNFIT:
-        raise UsageError(f"--optimizer {args.optimizer}: {UNFIT[args.optimizer.lower()]}")
-    keywords = dict(args.opt_arg, lr=args.lr)
-    if whole_tensor_class(args.optimizer) is None:  # Adafactor and Muon shard by whole tensors: no stages
-        keywords["stage"] = args.stage
-    try:
-        return shardopt.ShardedOptimizer(list(model.parameters()), args.optimizer, **keywords)
-    except (TypeError, ValueError, NotImplementedError) as error:
-        flags = [f"--optimizer {args.optimizer}"] + [f"--opt-arg {key}={value!r}" for key, value in args.opt_arg]
-        raise UsageError(f"{' '.join(flags)}: {error}") from error
+def make_optimizers(model: nn.Module, args: argparse.Namespace) -> list[torch.optim.Optimizer]:
+    """The recipe's optimizers (one, or for muon and sparseadam two), sharded."""
+    optimizers = []
+    for part in recipes.parts(model, args):
+        keywords = dict(part.keywords, stage=args.stage) if part.algorithm.lower() in STAGED else part.keywords
+        try:
+            optimizers.append(shardopt.ShardedOptimizer(part.params, part.algorithm, **keywords))
+        except (TypeError, ValueError, NotImplementedError) as error:
+            raise UsageError(f"{part.flags}: {error}") from error
+    return optimizers
 
 
 def warmup_cosine(steps: int) -> Callable[[int], float]:
@@ -208,16 +209,17 @@ class TorchDataParallel:
     """Plain torch.optim fed the mean gradient (all-reduced by hand, as DDP would): the reference that
     --compare-torch trains, with the few methods of ShardedOptimizer the loop calls."""
 
-    def __init__(self, model: nn.Module, args: argparse.Namespace, world: World) -> None:
+    def __init__(self, part: recipes.Part, world: World) -> None:
         torch_class = {n.lower(): c for n, c in vars(torch.optim).items() if isinstance(c, type)}[
-            args.optimizer.lower()
+            part.algorithm.lower()
         ]
-        self.params = list(model.parameters())
-        self.optimizer = torch_class(self.params, **dict(args.opt_arg, lr=args.lr))
+        self.params = part.params
+        self.optimizer = torch_class(self.params, **part.keywords)
         self.world = world
         self.reduced = False
 
     def reduce(self) -> None:
+        """The mean gradient on every rank, once per backward (gloo all-reduces sparse gradients too)."""
         if self.world.size > 1 and not self.reduced:
             for param in self.params:
                 dist.all_reduce(param.grad)
@@ -228,21 +230,23 @@ class TorchDataParallel:
         self.reduce()
         return nn.utils.clip_grad_norm_(self.params, max_norm)
 
-    def step(self) -> None:
-        self.reduce()
-        self.optimizer.step()
-        self.reduced = False
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """As ShardedOptimizer's: with a closure (LBFGS), every evaluation sees the mean gradient and
+        returns the mean loss over ranks, so all ranks take the same decisions."""
+        if closure is None:
+            self.reduce()
+            return self.optimizer.step()
+
+        def mean_closure() -> float:
+            loss = closure()
+            self.reduce()
+            return self.world.mean(loss)
+
+        return self.optimizer.step(mean_closure)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
-
-
-def micro_batch_context(optimizer: Any, last: bool) -> contextlib.AbstractContextManager[Any]:
-    """All micro-batches but the last accumulate locally, with no communication (``no_sync()``).
-    Adafactor and Muon (and --compare-torch's reference) reduce only at step(), so they need no block."""
-    if last or not hasattr(optimizer, "no_sync"):
-        return contextlib.nullcontext()
-    return optimizer.no_sync()
+        self.reduced = False
 
 
 @dataclass
@@ -256,36 +260,62 @@ class History:
 @dataclass
 class Job:
     model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: lr_scheduler.LRScheduler
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list[lr_scheduler.LRScheduler]
     corpus: torch.Tensor
     history: History
 
 
 def train_step(
-    model: nn.Module, optimizer: Any, corpus: torch.Tensor, step: int, args: argparse.Namespace, world: World
+    model: nn.Module, optimizers: list[Any], corpus: torch.Tensor, step: int, args: argparse.Namespace, world: World
 ) -> float:
-    """One optimizer step over --grad-accum micro-batches; returns this rank's mean loss."""
-    total = 0.0
-    for micro in range(args.grad_accum):
-        x, y = text.batch(
+    """One step of every optimizer over --grad-accum micro-batches; returns this rank's mean loss
+    (LBFGS: the mean over ranks of its first closure's, which is what its step() returns)."""
+    batches = [
+        text.batch(
             corpus, seed=args.seed, step=step, micro=micro, rank=world.rank, size=args.batch_size, context=args.context
         )
-        with micro_batch_context(optimizer, last=micro == args.grad_accum - 1):
-            loss = model(x.to(world.device), y.to(world.device)) / args.grad_accum
-            loss.backward()
-        total += loss.item()
+        for micro in range(args.grad_accum)
+    ]
+
+    def forward_backward() -> float:
+        total = 0.0
+        for micro, (x, y) in enumerate(batches):
+            with contextlib.ExitStack() as stack:
+                # All micro-batches but the last accumulate locally, with no communication (no_sync()).
+                # The others (Adafactor, Muon, SparseAdam, LBFGS, --compare-torch's) reduce only at step().
+                if micro < len(batches) - 1:
+                    for optimizer in optimizers:
+                        if hasattr(optimizer, "no_sync"):
+                            stack.enter_context(optimizer.no_sync())
+                loss = model(x.to(world.device), y.to(world.device)) / args.grad_accum
+                loss.backward()
+            total += loss.item()
+        return total
+
+    if is_lbfgs(args.optimizer):
+        (lbfgs,) = optimizers
+
+        def closure() -> float:
+            lbfgs.zero_grad()
+            return forward_backward()
+
+        return float(lbfgs.step(closure))
+    total = forward_backward()
     if args.clip is not None:
+        (optimizer,) = optimizers  # set_up refuses --clip for the two-optimizer recipes
         optimizer.clip_grad_norm_(args.clip)
-    optimizer.step()
-    optimizer.zero_grad()
+    for optimizer in optimizers:
+        optimizer.step()
+    for optimizer in optimizers:
+        optimizer.zero_grad()
     return total
 
 
 def train(
     model: nn.Module,
-    optimizer: Any,
-    scheduler: lr_scheduler.LRScheduler,
+    optimizers: list[Any],
+    schedulers: list[lr_scheduler.LRScheduler],
     corpus: torch.Tensor,
     args: argparse.Namespace,
     world: World,
@@ -299,11 +329,12 @@ def train(
     with tqdm(total=args.steps, initial=start, disable=world.rank != 0, desc=label, unit="step") as bar:
         for step in range(start, args.steps):
             began = time.perf_counter()
-            loss = world.mean(train_step(model, optimizer, corpus, step, args, world))
-            if isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(loss)
-            else:
-                scheduler.step()
+            loss = world.mean(train_step(model, optimizers, corpus, step, args, world))
+            for scheduler in schedulers:
+                if isinstance(scheduler, lr_scheduler.ReduceLROnPlateau):
+                    scheduler.step(loss)
+                else:
+                    scheduler.step()
             elapsed = time.perf_counter() - began
             history.loss.append(loss)
             history.step_time_s.append(elapsed)
@@ -324,9 +355,15 @@ def save(job: Job, args: argparse.Namespace) -> None:
     """A sharded checkpoint in --checkpoint-dir (collective). The batches are a function of (seed, step,
     rank), so the next step is the data's position too."""
     extra = {"next_step": len(job.history.loss), "loss": job.history.loss, "step_time_s": job.history.step_time_s}
-    shardopt.checkpoint.save(
-        args.checkpoint_dir, model=job.model, optimizer=job.optimizer, scheduler=job.scheduler, extra=extra
-    )
+    shardopt.checkpoint.save(args.checkpoint_dir, model=job.model, **checkpointed(job), extra=extra)
+
+
+def checkpointed(job: Job) -> dict[str, Any]:
+    """The optimizers and schedulers as checkpoint.save and load take them: one as itself (the layout
+    of one-optimizer checkpoints stays as it was), two as lists."""
+    if len(job.optimizers) == 1:
+        return {"optimizer": job.optimizers[0], "scheduler": job.schedulers[0]}
+    return {"optimizer": job.optimizers, "scheduler": job.schedulers}
 
 
 def checkpointer(job: Job, args: argparse.Namespace, world: World) -> Callable[[int], None] | None:
@@ -350,59 +387,80 @@ def crash_if_asked(step: int, world: World) -> None:
         os._exit(3)
 
 
-def resume(model: nn.Module, optimizer: Any, scheduler: Any, path: pathlib.Path | None) -> History:
+def resume(job: Job, path: pathlib.Path | None) -> History:
     if path is None:
         return History()
-    extra = shardopt.checkpoint.load(path, model=model, optimizer=optimizer, scheduler=scheduler)
+    extra = shardopt.checkpoint.load(path, model=job.model, **checkpointed(job))
     return History(extra["loss"], extra["step_time_s"])
 
 
-def memory(optimizer: Any, model: nn.Module, world: World) -> tuple[list[dict[str, int]], dict[str, int]]:
-    """memory_stats() of every rank, and what one unsharded torch.optim holds on every rank (collective)."""
-    stats = [optimizer.memory_stats()] * world.size
+def memory(optimizers: list[Any], model: nn.Module, world: World) -> tuple[list[dict[str, int]], dict[str, int]]:
+    """memory_stats() of every rank, summed over the optimizers, and what unsharded torch.optim holds
+    on every rank (collective)."""
+    own: dict[str, int] = {}
+    for optimizer in optimizers:
+        for kind, size in optimizer.memory_stats().items():
+            own[kind] = own.get(kind, 0) + size
+    stats = [own] * world.size
     if world.size > 1:
-        dist.all_gather_object(stats, optimizer.memory_stats())
-    state = optimizer.state_dict()["state"]  # consolidated: exactly torch.optim's state
+        dist.all_gather_object(stats, own)
+    # Consolidated: exactly torch.optim's state. LBFGS keeps lists of tensors in it, and plain numbers.
+    states = [optimizer.state_dict()["state"] for optimizer in optimizers]
+    values = [value for state in states for entry in state.values() for value in entry.values()]
+    tensors = [t for value in values for t in (value if isinstance(value, list) else [value])]
     params = list(model.parameters())
     low_precision = params[0].dtype != torch.float32
     unsharded = {
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
         "grad_bytes": sum(p.numel() * p.element_size() for p in params),
         "master_bytes": sum(p.numel() * 4 for p in params) if low_precision else 0,
-        "state_bytes": sum(t.numel() * t.element_size() for entry in state.values() for t in entry.values()),
+        "state_bytes": sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)),
     }
     return stats, unsharded
+
+
+def check_clip(optimizers: list[Any], args: argparse.Namespace) -> None:
+    """--clip clips one global norm over all gradients: offered where one optimizer holds them all."""
+    if args.clip is None:
+        return
+    if is_lbfgs(args.optimizer):
+        raise UsageError("--clip: LBFGS takes no clipping: its line search and curvature pairs need the true gradient")
+    if len(optimizers) > 1:
+        names = " + ".join(recipes.algorithms(args))
+        raise UsageError(f"--clip: {names}: one global norm over two optimizers is not supported yet; drop --clip")
+    if not hasattr(optimizers[0], "clip_grad_norm_"):
+        raise UsageError(f"--clip: {args.optimizer} cannot clip the gradient norm yet; drop --clip")
 
 
 def set_up(args: argparse.Namespace, world: World, resume_from: pathlib.Path | None) -> Job:
     corpus = text.load_corpus(args.data, args.max_data_bytes, args.context)
     model = make_model(args, world.device)
-    optimizer = make_optimizer(model, args)
-    if args.checkpoint_dir is not None and not isinstance(optimizer, shardopt.ShardedOptimizer):
-        raise UsageError(f"--checkpoint-dir: sharded checkpoints of {args.optimizer} are not supported yet")
-    if args.clip is not None and not hasattr(optimizer, "clip_grad_norm_"):
-        raise UsageError(f"--clip: {args.optimizer} does not clip gradients yet")
-    scheduler = make_scheduler(optimizer, args)
-    return Job(model, optimizer, scheduler, corpus, resume(model, optimizer, scheduler, resume_from))
+    optimizers = make_optimizers(model, args)
+    check_clip(optimizers, args)
+    job = Job(model, optimizers, [make_scheduler(o, args) for o in optimizers], corpus, History())
+    job.history = resume(job, resume_from)
+    return job
 
 
 def compare_torch(job: Job, args: argparse.Namespace, world: World) -> dict[str, Any]:
-    """Train the same model from the same weights on the same batches with plain torch.optim."""
+    """Train the same model from the same weights on the same batches with plain torch.optim, split
+    among the same optimizers."""
     reference = make_model(args, world.device)
-    optimizer = TorchDataParallel(reference, args, world)
+    optimizers = [TorchDataParallel(part, world) for part in recipes.parts(reference, args)]
+    schedulers = [make_scheduler(optimizer.optimizer, args) for optimizer in optimizers]
     history = History()
-    scheduler = make_scheduler(optimizer.optimizer, args)
-    train(reference, optimizer, scheduler, job.corpus, args, world, history, label="torch.optim")
+    train(reference, optimizers, schedulers, job.corpus, args, world, history, label="torch.optim")
     difference = max(abs(a - b) for a, b in zip(job.history.loss, history.loss))
     return {"torch_loss": history.loss, "max_abs_loss_difference": difference}
 
 
 def run(job: Job, args: argparse.Namespace, world: World, checkpoint: Callable[[int], None] | None) -> dict[str, Any]:
     """Train (calling ``checkpoint`` after every step), then gather what run.json records (collective)."""
-    train(job.model, job.optimizer, job.scheduler, job.corpus, args, world, job.history, checkpoint)
-    stats, unsharded = memory(job.optimizer, job.model, world)
+    train(job.model, job.optimizers, job.schedulers, job.corpus, args, world, job.history, checkpoint)
+    stats, unsharded = memory(job.optimizers, job.model, world)
     record = {
         "config": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
+        "optimizers": recipes.algorithms(args),
         "world_size": world.size,
         "device": str(world.device),
         "parameters": sum(p.numel() for p in job.model.parameters()),

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,6 +22,10 @@ TRAIN = str(ROOT / "launch" / "train.py")
 # A model and corpus small enough that a 2-rank run takes seconds; 8 steps, a checkpoint every 4.
 TINY = ["--layers", "1", "--width", "32", "--heads", "2", "--context", "16", "--batch-size", "4"]
 TINY += ["--max-data-bytes", "200000", "--steps", "8", "--checkpoint-every", "4", "--grad-accum", "2", "--clip", "1"]
+UNCLIPPED = TINY[: TINY.index("--clip")]  # the two-optimizer recipes and LBFGS refuse --clip
+# LBFGS as it is run: full steps with a line search. (Without one, its first steps are tiny, and float32
+# rounding, which differs between sharded and whole dot products, grows to ~1e-2 within 8 steps.)
+LBFGS = "--lr 1 --lr-schedule constant --opt-arg line_search_fn=strong_wolfe --opt-arg max_iter=4".split()
 
 
 def launch(
@@ -67,17 +73,18 @@ def test_compare_torch_curves_coincide(reference: pathlib.Path) -> None:
     assert record["max_abs_loss_difference"] < 1e-5, record
 
 
-def test_killed_run_resumes_exactly(reference: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    checkpoint = tmp_path / "checkpoint"
-    # Rank 1 dies abruptly after step 6 (index 5); the last checkpoint is from step 4.
-    killed = launch(
-        *TINY, "--checkpoint-dir", checkpoint, "--out", tmp_path, env={"SHARDOPT_TRAIN_CRASH_AFTER_STEP": "5"}
-    )
-    assert killed.returncode != 0 and not (tmp_path / "run.json").exists()
-    resumed = launch(*TINY, "--checkpoint-dir", checkpoint, "--out", tmp_path, "--resume")
+def killed_and_resumed(flags: list[Any], out: pathlib.Path) -> list[float]:
+    """The losses of a run whose rank 1 dies abruptly after step 6 (index 5), resumed from its step-4 checkpoint."""
+    flags = [*flags, "--checkpoint-dir", out / "checkpoint", "--out", out]
+    killed = launch(*flags, env={"SHARDOPT_TRAIN_CRASH_AFTER_STEP": "5"})
+    assert killed.returncode != 0 and not (out / "run.json").exists()
+    resumed = launch(*flags, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    expected, got = record_of(reference)["loss"], record_of(tmp_path)["loss"]
-    assert got == pytest.approx(expected, abs=1e-6)
+    return record_of(out)["loss"]
+
+
+def test_killed_run_resumes_exactly(reference: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    assert killed_and_resumed(TINY, tmp_path) == pytest.approx(record_of(reference)["loss"], abs=1e-6)
 
 
 def test_torchrun_restarts_a_killed_run_from_its_checkpoint(reference: pathlib.Path, tmp_path: pathlib.Path) -> None:
@@ -121,13 +128,55 @@ def run_in_process(flags: list[Any], capsys: pytest.CaptureFixture[str]) -> str:
         (["--opt-arg", "betas=oops"], "--opt-arg betas='oops'"),
         (["--data", "/no/such/path"], "--data /no/such/path: no such file or directory"),
         (["--opt-arg", "nope"], "--opt-arg: expected key=value"),
-        (["--optimizer", "lbfgs"], "--optimizer lbfgs: LBFGS needs a closure"),
+        (["--optimizer", "lbfgs"], "--clip: LBFGS takes no clipping"),
+        (["--optimizer", "muon"], "--clip: muon + adamw: one global norm over two optimizers"),
+        (["--optimizer", "sparseadam", "--aux-lr", "-1"], "--aux-lr -1.0 (for adamw): Invalid learning rate: -1.0"),
     ],
 )
 def test_bad_flags_single_process(flags: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
     stderr = run_in_process([*TINY, *flags], capsys)
     assert says in error_lines(stderr)[0]
     assert "Traceback" not in stderr
+
+
+RECIPES = {
+    "muon": [],  # Muon on the blocks' matrices, AdamW on the rest
+    "sparseadam": [],  # SparseAdam on the sparse token embedding, AdamW on the rest
+    "lbfgs": LBFGS,  # step(closure), the micro-batches inside the closure
+}
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], pathlib.Path]:
+    """The uninterrupted --compare-torch run of a recipe (once per module): its --out folder."""
+    outs: dict[str, pathlib.Path] = {}
+
+    def run(optimizer: str) -> pathlib.Path:
+        if optimizer not in outs:
+            out = tmp_path_factory.mktemp(optimizer)
+            done = launch(*UNCLIPPED, "--optimizer", optimizer, *RECIPES[optimizer], "--compare-torch", "--out", out)
+            assert done.returncode == 0, done.stderr[-3000:]
+            outs[optimizer] = out
+        return outs[optimizer]
+
+    return run
+
+
+@pytest.mark.parametrize("optimizer", sorted(RECIPES))
+def test_recipe_matches_torch(optimizer: str, recipe_run: Callable[[str], pathlib.Path]) -> None:
+    record = record_of(recipe_run(optimizer))
+    assert record["optimizers"] == ([optimizer] if optimizer == "lbfgs" else [optimizer, "adamw"])
+    assert len(record["torch_loss"]) == len(record["loss"]) == 8
+    assert record["max_abs_loss_difference"] < 1e-5, record
+    assert record["loss"][-1] < record["loss"][0]  # it trains: the curves coincide, not stand still
+    for stats in record["memory"]:  # summed over the optimizers: each rank keeps part of the state
+        assert 0 < stats["state_bytes"] < record["unsharded"]["state_bytes"]
+
+
+def test_killed_muon_run_resumes_exactly(recipe_run: Callable[[str], pathlib.Path], tmp_path: pathlib.Path) -> None:
+    """Two optimizers (Muon + AdamW) and their two schedulers in one checkpoint."""
+    got = killed_and_resumed([*UNCLIPPED, "--optimizer", "muon"], tmp_path)
+    assert got == pytest.approx(record_of(recipe_run("muon"))["loss"], abs=1e-6)
 
 
 def test_resume_of_another_model_fails_in_one_line(
@@ -140,22 +189,45 @@ def test_resume_of_another_model_fails_in_one_line(
     assert stderr.strip().splitlines() == error_lines(stderr), stderr
 
 
+def ray_job(out: pathlib.Path, *flags: Any, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """launch/ray_job.py with 2 workers on a local cluster of its own, writing under ``out``."""
+    pytest.importorskip("ray.train.torch")
+    # A throwaway local cluster needs no token authentication.
+    environment = {**os.environ, "RAY_AUTH_MODE": "disabled", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, ROOT / "launch" / "ray_job.py", "--workers", "2", "--storage", out / "ray"]
+    command += [*flags, "--out", out]
+    return subprocess.run(
+        [str(c) for c in command], capture_output=True, text=True, env={**environment, **(env or {})}, timeout=300
+    )
+
+
+# What Ray forwards from its actors' logs: "(RayTrainWorker pid=123) ...", maybe coloured.
+FORWARDED = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+")
+
+
+def test_ray_job_error_in_a_worker_is_one_line(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad --opt-arg value shows only when the workers build the optimizer: the job ends with
+    train.py's line and status, not Ray's traceback (the workers' logs, which Ray forwards, keep theirs)."""
+    flags = [*TINY, "--opt-arg", "betas=oops"]
+    (in_process,) = error_lines(run_in_process(flags, capsys))
+    failed = ray_job(tmp_path, *flags)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    ours = [line for line in failed.stderr.splitlines() if not FORWARDED.match(line)]
+    assert [line for line in ours if line.startswith("ray_job.py: error:")] == [
+        in_process.replace("train.py", "ray_job.py", 1)
+    ], failed.stderr[-3000:]
+    assert not any("Traceback" in line for line in ours), failed.stderr[-3000:]
+
+
 def test_ray_job_trains_as_torchrun_does_and_a_restarted_job_resumes(
     reference: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
     """launch/ray_job.py on a local 2-CPU Ray cluster: a job whose rank 1 dies after step 6, started
     again with the same --name and --storage, resumes from the step-4 checkpoint Ray keeps and ends
     with the torchrun run's losses."""
-    pytest.importorskip("ray.train.torch")
-    # A throwaway local cluster needs no token authentication.
-    environment = {**os.environ, "RAY_AUTH_MODE": "disabled", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(ROOT / "launch" / "ray_job.py"), "--workers", "2", "--storage", tmp_path / "ray"]
-    command += [*TINY, "--out", tmp_path]
-    command = [str(c) for c in command]
-    crash = {**environment, "SHARDOPT_TRAIN_CRASH_AFTER_STEP": "5"}
-    killed = subprocess.run(command, capture_output=True, text=True, env=crash, timeout=300)
+    killed = ray_job(tmp_path, *TINY, env={"SHARDOPT_TRAIN_CRASH_AFTER_STEP": "5"})
     assert killed.returncode != 0 and not (tmp_path / "run.json").exists()
-    done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    done = ray_job(tmp_path, *TINY)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "latest checkpoint: " + str(tmp_path / "ray") in done.stdout
     assert record_of(tmp_path)["loss"] == pytest.approx(record_of(reference)["loss"], abs=1e-6)
