@@ -226,10 +226,6 @@ class TorchDataParallel:
                 param.grad /= self.world.size
         self.reduced = True
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        self.reduce()
-        return nn.utils.clip_grad_norm_(self.params, max_norm)
-
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """As ShardedOptimizer's: with a closure (LBFGS), every evaluation sees the mean gradient and
         returns the mean loss over ranks, so all ranks take the same decisions."""
@@ -303,8 +299,7 @@ def train_step(
         return float(lbfgs.step(closure))
     total = forward_backward()
     if args.clip is not None:
-        (optimizer,) = optimizers  # set_up refuses --clip for the two-optimizer recipes
-        optimizer.clip_grad_norm_(args.clip)
+        clip_grad_norm_(optimizers, args.clip)
     for optimizer in optimizers:
         optimizer.step()
     for optimizer in optimizers:
@@ -419,24 +414,37 @@ def memory(optimizers: list[Any], model: nn.Module, world: World) -> tuple[list[
     return stats, unsharded
 
 
-def check_clip(optimizers: list[Any], args: argparse.Namespace) -> None:
-    """--clip clips one global norm over all gradients: offered where one optimizer holds them all."""
-    if args.clip is None:
-        return
-    if is_lbfgs(args.optimizer):
+def clip_grad_norm_(optimizers: list[Any], max_norm: float) -> torch.Tensor:
+    """One global norm over the gradients of every optimizer of the job, as
+    ``torch.nn.utils.clip_grad_norm_(model.parameters())`` would clip them in one process."""
+    if not isinstance(optimizers[0], TorchDataParallel):
+        return shardopt.clip_grad_norm_(optimizers, max_norm)
+    for optimizer in optimizers:
+        optimizer.reduce()
+    # torch's clip_grad_norm_ has no kernel for sparse gradients (SparseAdam's embedding): their
+    # coalesced values carry the norm, and scaling the sparse tensor scales them.
+    params = [p for o in optimizers for p in o.params if p.grad is not None]
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+    total = nn.utils.get_total_norm([p.grad.values() if p.grad.is_sparse else p.grad for p in params])
+    factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in params:
+        p.grad.mul_(factor)
+    return total
+
+
+def check_clip(args: argparse.Namespace) -> None:
+    """--clip clips one global norm over all gradients, of every optimizer of the job; not LBFGS's."""
+    if args.clip is not None and is_lbfgs(args.optimizer):
         raise UsageError("--clip: LBFGS takes no clipping: its line search and curvature pairs need the true gradient")
-    if len(optimizers) > 1:
-        names = " + ".join(recipes.algorithms(args))
-        raise UsageError(f"--clip: {names}: one global norm over two optimizers is not supported yet; drop --clip")
-    if not hasattr(optimizers[0], "clip_grad_norm_"):
-        raise UsageError(f"--clip: {args.optimizer} cannot clip the gradient norm yet; drop --clip")
 
 
 def set_up(args: argparse.Namespace, world: World, resume_from: pathlib.Path | None) -> Job:
     corpus = text.load_corpus(args.data, args.max_data_bytes, args.context)
     model = make_model(args, world.device)
     optimizers = make_optimizers(model, args)
-    check_clip(optimizers, args)
+    check_clip(args)
     job = Job(model, optimizers, [make_scheduler(o, args) for o in optimizers], corpus, History())
     job.history = resume(job, resume_from)
     return job

@@ -11,6 +11,7 @@ from .algorithms import ALGORITHMS, WHOLE_TENSOR
 from .amp import GradScaler
 from .averaging import ShardedAveragedModel
 from .fingerprint import DesyncError
+from .grad_checks import clip_grad_norm_
 from .lbfgs import ShardedLBFGS
 from .optimizer import ShardedOptimizer
 from .owned import OwnedOptimizer
@@ -52,5 +53,6 @@ __all__ = [
     "ShardedOptimizer",
     "SparseRowOptimizer",
     "checkpoint",
+    "clip_grad_norm_",
     *sorted(_ALIASES),
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -87,30 +87,23 @@ class GradChecks:
         Collective; call it between backward and ``step()``. It reduces the gradients (the first
         half of ``step()``, which then only updates), computes the total norm with one all-reduce
         and scales the reduced gradients by ``max_norm / (norm + 1e-6)`` where that is below 1.
-        Returns the total norm, as torch does.
+        Returns the total norm, as torch does. Several optimizers of one model (Muon + AdamW):
+        :func:`clip_grad_norm_` clips them by their one joint norm.
         """
-        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm >= 0:
-            raise ValueError(f"max_norm must be a number >= 0, got {max_norm!r}")
-        norm_type = float(norm_type)
-        if not (norm_type == math.inf or 0 < norm_type < math.inf):
-            raise ValueError(f"norm_type must be a positive number or math.inf, got {norm_type!r}")
-        with torch.no_grad():
-            # Only a failed reduction forgets the gradients: a refused clip (error_if_nonfinite)
-            # leaves them for step(), as torch's leaves p.grad.
-            with self._reduced_early() as reduced:
-                pass
-            total = self._global_norm(self._norm_tensors(reduced), norm_type)
-            if error_if_nonfinite and not torch.isfinite(total):
-                raise RuntimeError(
-                    f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
-                    "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
-                    "anyway, set `error_if_nonfinite=False`"
-                )
-            self._scale_grads(reduced, torch.clamp(max_norm / (total + 1e-6), max=1.0))
-        return total
+        return clip_grad_norm_([self], max_norm, norm_type, error_if_nonfinite)
+
+    def _reduced_norm(self, norm_type: float) -> Tensor:
+        """Collective: the float64 norm of the reduced gradient, reducing it now if nothing did yet.
+
+        Only a failed reduction forgets the gradients: a refused clip (error_if_nonfinite) leaves
+        them for step(), as torch's leaves p.grad.
+        """
+        with self._reduced_early() as reduced:
+            pass
+        return self._global_norm(self._norm_tensors(reduced), norm_type)
 
     def _global_norm(self, parts: list[Tensor], norm_type: float) -> Tensor:
-        """Collective: the ``norm_type``-norm of the vector the ranks' ``parts`` make together.
+        """Collective: the ``norm_type``-norm, in float64, of the vector the ranks' ``parts`` make together.
 
         Before: each rank holds disjoint parts. The p-th powers of their elements (or, for the
         inf-norm, their largest magnitude) reduced over the ranks cover each element once; after
@@ -126,8 +119,7 @@ class GradChecks:
                     local = local + magnitude.pow(norm_type).sum().to(local.device)
         op = dist.ReduceOp.MAX if norm_type == math.inf else dist.ReduceOp.SUM
         self._comm.all_reduce_(local, "the all-reduce of the gradient norm", op=op).wait()
-        dtype, device = self._norm_like()
-        return (local if norm_type == math.inf else local.pow(1 / norm_type)).to(dtype=dtype, device=device)
+        return local if norm_type == math.inf else local.pow(1 / norm_type)
 
     def _scale_grads(self, reduced: Any, factor: Tensor) -> None:
         for tensor in self._grad_tensors(reduced):
@@ -182,3 +174,55 @@ class GradChecks:
         if grad_scale is not None:
             self._scale_grads(reduced, grad_scale.double().reciprocal().float())
         return False
+
+
+def clip_grad_norm_(
+    optimizers: GradChecks | Iterable[GradChecks],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` of the mean gradient over every parameter of ``optimizers``
+    together: what torch's function does over ``model.parameters()`` when the model's parameters
+    are split between optimizers (Muon for the matrices, AdamW for the rest).
+
+    Collective, between backward and ``step()``: each optimizer reduces its gradients and finds
+    their norm (one all-reduce each); the joint norm is the norm of those norms, as torch combines
+    its per-device norms, and every optimizer's gradients are scaled by ``max_norm / (norm + 1e-6)``
+    where that is below 1. Returns the joint norm, in the first optimizer's dtype and device.
+    """
+    optimizers = [optimizers] if isinstance(optimizers, GradChecks) else list(optimizers)
+    if not optimizers:
+        raise ValueError("optimizers is empty: pass the shardopt optimizers whose gradients to clip")
+    for index, optimizer in enumerate(optimizers):
+        if not isinstance(optimizer, GradChecks):
+            raise TypeError(
+                f"optimizers[{index}] is a {type(optimizer).__name__}: clip_grad_norm_ clips shardopt optimizers' "
+                "reduced gradients (not LBFGS, whose step re-evaluates the closure); clip a torch.optim "
+                "optimizer's parameters with torch.nn.utils.clip_grad_norm_"
+            )
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm >= 0:
+        raise ValueError(f"max_norm must be a number >= 0, got {max_norm!r}")
+    norm_type = float(norm_type)
+    if not (norm_type == math.inf or 0 < norm_type < math.inf):
+        raise ValueError(f"norm_type must be a positive number or math.inf, got {norm_type!r}")
+    with torch.no_grad():
+        norms = torch.stack([optimizer._reduced_norm(norm_type).cpu() for optimizer in optimizers])
+        if len(optimizers) == 1:
+            joint = norms[0]
+        elif norm_type == math.inf:
+            joint = norms.max()
+        else:
+            joint = norms.pow(norm_type).sum().pow(1 / norm_type)
+        dtype, device = optimizers[0]._norm_like()
+        total = joint.to(dtype=dtype, device=device)
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(
+                f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
+                "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
+                "anyway, set `error_if_nonfinite=False`"
+            )
+        factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for optimizer in optimizers:
+            optimizer._scale_grads(optimizer._reduced, factor)
+    return total

@@ -105,3 +105,69 @@ def test_bad_clipping_calls_raise_clear_errors_on_every_rank() -> None:
         assert "non-finite" in caught["nonfinite"]
         assert caught["untouched"] == "True"
         assert "call clip_grad_norm_() inside the closure" in caught["closure"]
+
+
+# shardopt.clip_grad_norm_ over several optimizers: the Muon recipe (Muon for the matrices, AdamW
+# for the biases) clipped by one norm over the whole model, as torch's function over model.parameters().
+JOINT_CLIPS = [(0.05, 2.0), (0.02, math.inf), (1e6, 2.0)]
+
+
+def split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    params = list(model.parameters())
+    return [p for p in params if p.dim() == 2], [p for p in params if p.dim() != 2]
+
+
+def joint_run() -> list[tuple[list[torch.Tensor], list[float]]]:
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    results = []
+    for max_norm, norm_type in JOINT_CLIPS:
+        model = make_model()
+        matrices, rest = split(model)
+        optimizers = [shardopt.Muon(matrices, lr=0.05), shardopt.AdamW(rest, lr=1e-2)]
+        trajectory, norms = [], []
+        for step in range(STEPS):
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            loss_of(model, rank, step).backward()
+            norms.append(float(shardopt.clip_grad_norm_(optimizers, max_norm, norm_type)))
+            for optimizer in optimizers:
+                optimizer.step()
+            trajectory.append(flat_params(model))
+        results.append((trajectory, norms))
+    return results
+
+
+def joint_reference(world_size: int, max_norm: float, norm_type: float) -> tuple[list[torch.Tensor], list[float]]:
+    model = make_model()
+    matrices, rest = split(model)
+    optimizers = [torch.optim.Muon(matrices, lr=0.05), torch.optim.AdamW(rest, lr=1e-2)]
+    trajectory, norms = [], []
+    for step in range(STEPS):
+        set_mean_grads(model, world_size, step)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type)))
+        for optimizer in optimizers:
+            optimizer.step()
+        trajectory.append(flat_params(model))
+    return trajectory, norms
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_one_norm_over_several_optimizers_equals_torch_over_the_model(world_size: int) -> None:
+    per_rank = run_world(joint_run, world_size)
+    for case, (max_norm, norm_type) in enumerate(JOINT_CLIPS):
+        expected_trajectory, expected_norms = joint_reference(world_size, max_norm, norm_type)
+        label = f"shardopt.clip_grad_norm_([Muon, AdamW], {max_norm}, {norm_type}) N={world_size}"
+        for trajectory, norms in (rank[case] for rank in per_rank):
+            # Muon runs Newton-Schulz in bfloat16: within its rounding, as in tests/test_owned.py.
+            assert_trajectories_close(trajectory, expected_trajectory, label, rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(norms, expected_norms, rtol=1e-5, atol=1e-7, msg=label)
+
+
+def test_clip_grad_norm_of_something_else_names_it() -> None:
+    model = make_model()
+    with pytest.raises(TypeError, match=r"optimizers\[0\] is a SGD: clip_grad_norm_ clips shardopt optimizers"):
+        shardopt.clip_grad_norm_([torch.optim.SGD(model.parameters(), lr=0.1)], 1.0)
+    with pytest.raises(ValueError, match="optimizers is empty"):
+        shardopt.clip_grad_norm_([], 1.0)
