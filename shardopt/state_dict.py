@@ -134,6 +134,12 @@ def unpack(
     saved_state = state_dict["state"]
     saved_masters = state_dict.get(MASTER_KEY) or {}
     for g, (group, saved) in enumerate(zip(param_groups, saved_groups)):
+        if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
+            raise ValueError(
+                f"loaded state dict's parameter group {g} has no 'params' list (got {type(saved).__name__}"
+                f"{' with keys ' + str(sorted(saved)) if isinstance(saved, Mapping) else ''}): load what "
+                "state_dict() returns"
+            )
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(
                 f"loaded state dict's parameter group {g} has {len(saved['params'])} parameters but the "

@@ -452,6 +452,10 @@ def _move_param_to_group_0(state_dict: dict[str, Any]) -> dict[str, Any]:
             _set(2, "step", torch.ones(2)),
             r"state 'step' of parameter 2 \('hidden.bias'\) of param group 0 is tensor\(\[1., 1.\]\); a number",
         ),
+        (
+            lambda sd: {**sd, "param_groups": [sd["param_groups"][0], {"lr": 0.1}]},
+            r"parameter group 1 has no 'params' list \(got dict with keys \['lr'\]\): load what state_dict",
+        ),
     ],
     ids=[
         "not-a-dict",
@@ -465,6 +469,7 @@ def _move_param_to_group_0(state_dict: dict[str, Any]) -> dict[str, Any]:
         "lacks-step",
         "step-not-a-number",
         "step-of-two-elements",
+        "group-without-params",
     ],
 )
 def test_failed_load_state_dict_leaves_optimizer_unchanged(
@@ -613,8 +618,18 @@ def test_checkpoint_load_control(good_checkpoint: pathlib.Path) -> None:
             lambda model, optimizer: {"scheduler": [None, None]},
             r"scheduler= has 2 entries but optimizer= has 1: pass one scheduler \(or None\) per optimizer",
         ),
+        (
+            lambda model, optimizer: {"optimizer": [optimizer, optimizer]},
+            r"optimizer= lists the same ShardedOptimizer at positions 0 and 1; list each optimizer once",
+        ),
     ],
-    ids=["extra-not-a-dict", "torch-optimizer", "model-of-another-optimizer", "schedulers-per-optimizer"],
+    ids=[
+        "extra-not-a-dict",
+        "torch-optimizer",
+        "model-of-another-optimizer",
+        "schedulers-per-optimizer",
+        "same-optimizer-twice",
+    ],
 )
 def test_failed_checkpoint_save_writes_nothing(
     keywords: Callable[[nn.Module, Any], dict[str, Any]], match: str, tmp_path: pathlib.Path

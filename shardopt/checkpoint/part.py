@@ -171,6 +171,13 @@ def listed(optimizer: Any, scheduler: Any) -> tuple[list[Any], list[Any]]:
     optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     if not optimizers:
         raise CheckpointError("optimizer= is an empty list; pass an optimizer or a list of them")
+    for position, optimizer in enumerate(optimizers):
+        first = next(i for i, other in enumerate(optimizers) if other is optimizer)
+        if first != position:
+            raise CheckpointError(
+                f"optimizer= lists the same {type(optimizer).__name__} at positions {first} and {position}; "
+                "list each optimizer once"
+            )
     if scheduler is None:
         return optimizers, [None] * len(optimizers)
     if isinstance(scheduler, (list, tuple)):
