@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import algorithms, fingerprint, groups, kernels, sparse_grads
+from . import algorithms, closure_loss, fingerprint, groups, kernels, sparse_grads
 from . import state_dict as state_format
 from .algorithms import Slices
 from .buffer import ShardedBuffer
@@ -436,11 +436,10 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         """
         dense, sparse, late = self._reducer.local_flags()
         stray = torch.tensor([float(p.grad is not None) for _, _, p in self._unsharded], dtype=torch.float64)
-        has_loss = loss is not None
-        tail = torch.tensor([float(has_loss), float(loss) if has_loss else 0.0], dtype=torch.float64)
+        tail = torch.tensor(closure_loss.tail(loss), dtype=torch.float64)
         agreed = torch.cat([dense, sparse, late, stray, tail]).to(self._comm.device)
         self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()").wait()
-        dense, sparse, late, stray, tail = agreed.cpu().split([len(dense), len(sparse), len(late), len(stray), 2])
+        dense, sparse, late, stray, tail = agreed.cpu().split([len(dense), len(sparse), len(late), len(stray), 3])
         known = self._reducer.known_sparse()
         if sparse.any() or known is not None:
             self._refuse_sparse(dense, sparse, known)
@@ -451,14 +450,7 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
                 "was given to the optimizer; create the optimizer after unfreezing it, or add it with "
                 "add_param_group"
             )
-        world = self._comm.world_size
-        if tail[0] not in (0, world):
-            raise RuntimeError(
-                f"the closure returned a loss on {int(tail[0])} of {world} ranks; return one on every rank"
-            )
-        if has_loss and world > 1:
-            mean = tail[1].item() / world
-            loss = torch.tensor(mean, dtype=loss.dtype, device=loss.device) if isinstance(loss, Tensor) else mean
+        loss = closure_loss.agreed(loss, tail.tolist(), self._comm.world_size)
         return dense + sparse > 0, sparse > 0, (late > 0).tolist(), loss
 
     def _refuse_sparse(self, dense: Tensor, sparse: Tensor, known: Tensor | None) -> None:

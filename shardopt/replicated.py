@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import fingerprint, groups, owned_comm
+from . import closure_loss, fingerprint, groups, owned_comm
 from .comm import Comm, OnGroup
 from .grad_checks import GradChecks
 
@@ -179,24 +179,15 @@ class ReplicatedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         """One all-reduce that tells every rank the same parameters with a gradient on some rank,
         the same error, and the mean loss."""
         params = self._params()
-        has_loss = loss is not None
         flags = [float(p.grad is not None) for p in params]
         wrong = [float(p.grad is not None and self._wrong_gradient(p.grad)) for p in params]
-        value = loss.detach() if isinstance(loss, Tensor) else loss
-        tail = [float(has_loss), float(value) if has_loss else 0.0]
-        agreed = torch.tensor(flags + wrong + tail, dtype=torch.float64, device=self._comm.device)
+        agreed = torch.tensor(flags + wrong + closure_loss.tail(loss), dtype=torch.float64, device=self._comm.device)
         self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()").wait()
         agreed = agreed.cpu()
         n, world = len(params), self._comm.world_size
         if agreed[n : 2 * n].any():
             raise RuntimeError(self._gradient_error(self._locate(int(agreed[n : 2 * n].nonzero()[0]))))
-        if agreed[2 * n] not in (0, world):
-            raise RuntimeError(
-                f"the closure returned a loss on {int(agreed[2 * n])} of {world} ranks; return one on every rank"
-            )
-        if has_loss and world > 1:
-            mean = agreed[2 * n + 1].item() / world
-            loss = torch.tensor(mean, dtype=loss.dtype, device=loss.device) if isinstance(loss, Tensor) else mean
+        loss = closure_loss.agreed(loss, agreed[2 * n :].tolist(), world)
         return [p for p, flag in zip(params, agreed[:n].tolist()) if flag > 0], loss
 
     def _wrong_gradient(self, grad: Tensor) -> bool:

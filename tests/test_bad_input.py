@@ -720,6 +720,18 @@ def rank_disagreements() -> dict[str, tuple[str, str, torch.Tensor]]:
 
     results["closure"] = (*_step_error(optimizer, closure), _recover(model, optimizer, rank))
 
+    # (b') a closure that returns a vector of per-sample losses on rank 1, not the loss.
+    model = make_model()
+    optimizer = ShardedOptimizer(model.named_parameters(), "adam", lr=0.01)
+
+    def vector_closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_of(model, rank, 0)
+        loss.backward()
+        return loss.detach() if rank == 0 else loss.detach().repeat(4)
+
+    results["closure-vector"] = (*_step_error(optimizer, vector_closure), _recover(model, optimizer, rank))
+
     # (c) a parameter frozen at construction that later gets a gradient on rank 1 only.
     model = make_model()
     model.hidden.bias.requires_grad_(False)
@@ -741,6 +753,11 @@ def disagreement_results() -> list[dict[str, tuple[str, str, torch.Tensor]]]:
     [
         ("sparse", "RuntimeError", r"parameter 3 \('out.weight'\) of param group 0 has a sparse gradient"),
         ("closure", "RuntimeError", r"the closure returned a loss on 1 of 2 ranks"),
+        (
+            "closure-vector",
+            "TypeError",
+            r"the closure returned a loss that is not a number on 1 of 2 ranks.*return the loss: a Python number",
+        ),
         (
             "stray",
             "RuntimeError",
