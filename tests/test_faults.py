@@ -59,7 +59,9 @@ def faulty_run(directory: pathlib.Path, fault: str) -> None:
         for step in range(1, 4):
             optimizer.zero_grad()
             if victim and step == VICTIM_STEP and fault == "stuck":
-                time.sleep(3 * TIMEOUT)  # alive, but calling nothing until the others have given up
+                # Alive, but calling nothing until the others have given up (each has written its outcome).
+                while not all((directory / f"rank{other}.json").exists() for other in range(world) if other != rank):
+                    time.sleep(0.1)
                 os._exit(3)
             loss = loss_of(model, rank, step)
             if victim and step == VICTIM_STEP and fault == "backward":

@@ -4,6 +4,7 @@ several buffers and dtypes, stage 1 vs stage 2 gradient handling, closures."""
 from __future__ import annotations
 
 import functools
+import pathlib
 from typing import Any
 
 import pytest
@@ -224,7 +225,7 @@ def test_gradients_accumulated_in_place_across_backward_passes(stage: int) -> No
     assert_trajectories_close(trajectory, reference, f"accumulation stage {stage}")
 
 
-def stuck_peer() -> dict[str, Any]:
+def stuck_peer(directory: pathlib.Path) -> dict[str, Any]:
     """Rank 1 never calls step(): rank 0's step must raise within its timeout, naming the collective
     and the rank that did not answer."""
     import time
@@ -233,22 +234,26 @@ def stuck_peer() -> dict[str, Any]:
 
     params = make_params()
     optimizer = shardopt.SGD(params, lr=0.1, timeout=2)
+    done = directory / "rank 0 is done"
     if dist.get_rank() == 1:
-        time.sleep(6)
+        while not done.exists():  # alive, calling nothing, until rank 0 has come out of step()
+            time.sleep(0.1)
         return {}
     for index, param in enumerate(params):
         param.grad = grad_for(0, 0, index)
     started = time.monotonic()
     try:
         optimizer.step()
+        outcome = {"error": None}
     except RuntimeError as error:
-        return {"error": str(error), "seconds": time.monotonic() - started}
-    return {"error": None}
+        outcome = {"error": str(error), "seconds": time.monotonic() - started}
+    done.touch()
+    return outcome
 
 
-def test_a_peer_that_never_steps_is_an_error_within_the_timeout() -> None:
+def test_a_peer_that_never_steps_is_an_error_within_the_timeout(tmp_path: pathlib.Path) -> None:
     # fresh: rank 0's timed-out reduce-scatter stays pending, so these ranks are out of step for good.
-    result = run_world(stuck_peer, 2, fresh=True)[0]
+    result = run_world(stuck_peer, 2, tmp_path, fresh=True)[0]
     assert result["error"] is not None
     assert (
         "the agreement on gradients and loss at the start of step() (step() call 1) on rank 0 of 2 did not "

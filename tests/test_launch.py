@@ -6,12 +6,14 @@ from its checkpoint must reproduce its losses, and plain torch.optim must too.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -73,26 +75,17 @@ def test_compare_torch_curves_coincide(reference: pathlib.Path) -> None:
     assert record["max_abs_loss_difference"] < 1e-5, record
 
 
-def killed_and_resumed(flags: list[Any], out: pathlib.Path) -> list[float]:
-    """The losses of a run whose rank 1 dies abruptly after step 6 (index 5), resumed from its step-4 checkpoint."""
-    flags = [*flags, "--checkpoint-dir", out / "checkpoint", "--out", out]
-    killed = launch(*flags, env={"SHARDOPT_TRAIN_CRASH_AFTER_STEP": "5"})
-    assert killed.returncode != 0 and not (out / "run.json").exists()
-    resumed = launch(*flags, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    return record_of(out)["loss"]
+# The tests' fault: the last rank dies abruptly after step 6 (index 5), two steps past the step-4 checkpoint.
+CRASH = {"SHARDOPT_TRAIN_CRASH_AFTER_STEP": "5"}
 
 
 def test_killed_run_resumes_exactly(reference: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    assert killed_and_resumed(TINY, tmp_path) == pytest.approx(record_of(reference)["loss"], abs=1e-6)
-
-
-def test_torchrun_restarts_a_killed_run_from_its_checkpoint(reference: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    """Rank 1 dies after step 6 in the first attempt; torchrun --max-restarts starts both ranks again,
-    and --resume auto takes them from the step-4 checkpoint to the same losses as the uninterrupted run."""
-    flags = [*TINY, "--checkpoint-dir", tmp_path / "checkpoint", "--out", tmp_path, "--resume", "auto"]
-    done = launch(*flags, env={"SHARDOPT_TRAIN_CRASH_AFTER_STEP": "5"}, restarts=1)
-    assert done.returncode == 0, done.stderr[-3000:]
+    """A run whose rank 1 dies, started again with --resume, continues from its step-4 checkpoint."""
+    flags = [*TINY, "--checkpoint-dir", tmp_path / "checkpoint", "--out", tmp_path]
+    killed = launch(*flags, env=CRASH)
+    assert killed.returncode != 0 and not (tmp_path / "run.json").exists()
+    resumed = launch(*flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
     assert record_of(tmp_path)["loss"] == pytest.approx(record_of(reference)["loss"], abs=1e-6)
 
 
@@ -108,16 +101,20 @@ def test_bad_flag_fails_on_every_rank_in_one_line() -> None:
     assert 'launch/train.py", line' not in failed.stderr  # torchrun's own report follows, but no trace of ours
 
 
-def run_in_process(flags: list[Any], capsys: pytest.CaptureFixture[str]) -> str:
-    """train.py's main() as a world of one in this process (no torch import to wait for); its stderr."""
+def launch_module(name: str) -> types.ModuleType:
+    """A module of launch/ (train, ray_job) imported into this process, finding its sibling modules
+    as the scripts do."""
     sys.path.insert(0, str(ROOT / "launch"))
     try:
-        import train
-
-        with pytest.raises(SystemExit) as exit_status:
-            train.main([str(flag) for flag in flags])
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "launch"))
+
+
+def run_in_process(flags: list[Any], capsys: pytest.CaptureFixture[str]) -> str:
+    """train.py's main() as a world of one in this process (no torch import to wait for); its stderr."""
+    with pytest.raises(SystemExit) as exit_status:
+        launch_module("train").main([str(flag) for flag in flags])
     assert exit_status.value.code != 0
     return capsys.readouterr().err
 
@@ -174,10 +171,16 @@ def test_recipe_matches_torch(optimizer: str, recipe_run: Callable[[str], pathli
         assert 0 < stats["state_bytes"] < record["unsharded"]["state_bytes"]
 
 
-def test_killed_muon_run_resumes_exactly(recipe_run: Callable[[str], pathlib.Path], tmp_path: pathlib.Path) -> None:
-    """Two optimizers (Muon + AdamW) and their two schedulers in one checkpoint."""
-    got = killed_and_resumed([*TINY, "--optimizer", "muon"], tmp_path)
-    assert got == pytest.approx(record_of(recipe_run("muon"))["loss"], abs=1e-6)
+def test_torchrun_restarts_a_killed_run_from_its_checkpoint(
+    recipe_run: Callable[[str], pathlib.Path], tmp_path: pathlib.Path
+) -> None:
+    """Rank 1 of a Muon + AdamW run dies after step 6 in the first attempt; torchrun --max-restarts starts
+    both ranks again, and --resume auto takes them from the step-4 checkpoint (two optimizers and their
+    two schedulers in one) to the same losses as the uninterrupted run."""
+    flags = [*TINY, "--optimizer", "muon", "--checkpoint-dir", tmp_path / "checkpoint", "--out", tmp_path]
+    done = launch(*flags, "--resume", "auto", env=CRASH, restarts=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert record_of(tmp_path)["loss"] == pytest.approx(record_of(recipe_run("muon"))["loss"], abs=1e-6)
 
 
 def test_resume_of_another_model_fails_in_one_line(
@@ -190,9 +193,18 @@ def test_resume_of_another_model_fails_in_one_line(
     assert stderr.strip().splitlines() == error_lines(stderr), stderr
 
 
+@pytest.fixture
+def ray_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skips without Ray Train. Ray's import prepends to sys.path and sets RAY_CLIENT_MODE=0 (its default):
+    undone after the test, or every world tests.world holds would no longer fit this process and be
+    spawned again."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("RAY_CLIENT_MODE", "0")  # set here, so that it is unset again afterwards
+    pytest.importorskip("ray.train.torch")
+
+
 def ray_job(out: pathlib.Path, *flags: Any, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """launch/ray_job.py with 2 workers on a local cluster of its own, writing under ``out``."""
-    pytest.importorskip("ray.train.torch")
     # A throwaway local cluster needs no token authentication.
     environment = {**os.environ, "RAY_AUTH_MODE": "disabled", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, ROOT / "launch" / "ray_job.py", "--workers", "2", "--storage", out / "ray"]
@@ -206,28 +218,53 @@ def ray_job(out: pathlib.Path, *flags: Any, env: dict[str, str] | None = None) -
 FORWARDED = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+")
 
 
-def test_ray_job_error_in_a_worker_is_one_line(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A bad --opt-arg value shows only when the workers build the optimizer: the job ends with
-    train.py's line and status, not Ray's traceback (the workers' logs, which Ray forwards, keep theirs)."""
-    flags = [*TINY, "--opt-arg", "betas=oops"]
+def ray_errors(stderr: str) -> list[str]:
+    """ray_job.py's own error lines, and any traceback of the driver's (not what Ray forwards from the workers'
+    logs, which keep theirs)."""
+    ours = [line for line in stderr.splitlines() if not FORWARDED.match(line)]
+    return [line for line in ours if line.startswith("ray_job.py: error:") or "Traceback" in line]
+
+
+@pytest.mark.usefixtures("ray_installed")
+def test_ray_job_says_why_a_job_failed_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """What trainer.fit() raises, in the shapes Ray wraps a worker's error in (by rank; in a controller's
+    error; chained): train.py's own errors (of the lowest rank that failed) end the job with train.py's
+    line and status 2, any other error with one line naming it and status 1. The real Ray job below
+    fails the second way."""
+    from ray.train import ControllerError, WorkerGroupError
+
+    script = launch_module("ray_job")
+    train = launch_module("train")
+    flags = [*TINY, "--opt-arg", "betas=oops"]  # raised by the workers, as they build the optimizer
     (in_process,) = error_lines(run_in_process(flags, capsys))
-    failed = ray_job(tmp_path, *flags)
-    assert failed.returncode == 2, failed.stderr[-3000:]
-    ours = [line for line in failed.stderr.splitlines() if not FORWARDED.match(line)]
-    assert [line for line in ours if line.startswith("ray_job.py: error:")] == [
-        in_process.replace("train.py", "ray_job.py", 1)
-    ], failed.stderr[-3000:]
-    assert not any("Traceback" in line for line in ours), failed.stderr[-3000:]
+    usage = train.UsageError(in_process.removeprefix("train.py: error: "))
+    lost = RuntimeError("the actor died unexpectedly\nits log follows")
+    chained = RuntimeError("the controller failed")
+    chained.__cause__ = usage
+    user_errors = {
+        "by rank": WorkerGroupError("2 workers failed", {1: train.UsageError("rank 1"), 0: usage}),
+        "in a controller's": ControllerError(WorkerGroupError("1 worker failed", {0: usage})),
+        "chained": ControllerError(chained),
+    }
+    for shape, error in user_errors.items():
+        assert script.failure_line(error) == (in_process.replace("train.py", "ray_job.py", 1), 2), shape
+    other = ControllerError(WorkerGroupError("2 workers failed", {1: lost, 0: RuntimeError("gloo: peer gone")}))
+    assert script.failure_line(other) == ("ray_job.py: error: training failed: RuntimeError: gloo: peer gone", 1)
+    first_line = "ray_job.py: error: training failed: RuntimeError: the actor died unexpectedly"
+    assert script.failure_line(WorkerGroupError("1 worker failed", {1: lost})) == (first_line, 1)
 
 
+@pytest.mark.usefixtures("ray_installed")
 def test_ray_job_trains_as_torchrun_does_and_a_restarted_job_resumes(
     reference: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
-    """launch/ray_job.py on a local 2-CPU Ray cluster: a job whose rank 1 dies after step 6, started
-    again with the same --name and --storage, resumes from the step-4 checkpoint Ray keeps and ends
-    with the torchrun run's losses."""
-    killed = ray_job(tmp_path, *TINY, env={"SHARDOPT_TRAIN_CRASH_AFTER_STEP": "5"})
-    assert killed.returncode != 0 and not (tmp_path / "run.json").exists()
+    """launch/ray_job.py on a local 2-CPU Ray cluster: a job whose rank 1 dies after step 6 ends in one
+    line and status 1; started again with the same --name and --storage, it resumes from the step-4
+    checkpoint Ray keeps and ends with the torchrun run's losses."""
+    killed = ray_job(tmp_path, *TINY, env=CRASH)
+    assert killed.returncode == 1 and not (tmp_path / "run.json").exists(), killed.stderr[-3000:]
+    (line,) = ray_errors(killed.stderr)
+    assert line.startswith("ray_job.py: error: training failed: "), killed.stderr[-3000:]
     done = ray_job(tmp_path, *TINY)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "latest checkpoint: " + str(tmp_path / "ray") in done.stdout
