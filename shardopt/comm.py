@@ -8,8 +8,9 @@ error names the ranks that did not answer, from the phase board (``phases.py``).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import torch
@@ -85,6 +86,18 @@ class Comm:
     def leave(self) -> None:
         """The call entered last has returned (errors of collectives waited later say "after" it)."""
         self.inside = False
+
+    @contextlib.contextmanager
+    def call(self, call: str, *, step: bool = False, agree: bool = False) -> Iterator[None]:
+        """The block holds the collectives of the call ``call``: entered (as :meth:`enter`; with
+        ``agree``, agreed: see :meth:`agree`) before them, left after them, whether they complete or raise."""
+        self.enter(call, step=step)
+        try:
+            if agree:
+                self.agree()
+            yield
+        finally:
+            self.leave()
 
     def agree(self) -> None:
         """Collective: check that every rank is in the call this rank entered last, after as many

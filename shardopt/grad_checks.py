@@ -20,6 +20,10 @@ from torch import Tensor
 
 from .comm import Comm
 
+# The calls of these checks on the phase board (phases.py): a rank that dies or calls something else
+# while the others are in one is named with it. One post per call, not per collective.
+CLIP_CALL = "clip_grad_norm_()"
+UNSCALE_CALL = "GradScaler.unscale_()"
 CLOSURE_AFTER_REDUCTION = (
     "step(closure) recomputes the gradients that clip_grad_norm_() or a GradScaler's unscale_() already reduced; "
     "call clip_grad_norm_() inside the closure, after backward, or step() without a closure"
@@ -62,6 +66,10 @@ class GradChecks:
 
     def _grads_changed(self) -> None:
         """Called after the reduced gradients were changed in place (unscaled or clipped)."""
+
+    def _unscale_own_grads(self, inv_scale: Tensor) -> None:
+        """Multiply what ``p.grad`` holds by ``inv_scale`` where it is not among ``_grad_tensors``
+        (SparseAdam: each rank's own sparse gradient), as torch's GradScaler leaves p.grad unscaled."""
 
     @contextlib.contextmanager
     def _reduced_early(self) -> Iterator[Any]:
@@ -148,8 +156,9 @@ class GradChecks:
     def _unscale_for_scaler(self, inv_scale: Tensor, found_inf: Tensor) -> dict[torch.device, Tensor]:
         """Collective: what ``GradScaler._unscale_grads_`` does for a torch.optim optimizer, on the
         reduced gradients: multiply them by ``inv_scale`` and report inf/NaN, agreed by every rank."""
-        with torch.no_grad(), self._reduced_early() as reduced:
+        with torch.no_grad(), self._comm.call(UNSCALE_CALL), self._reduced_early() as reduced:
             found = self._nonfinite(reduced, inv_scale)
+            self._unscale_own_grads(inv_scale)
         self._scaler_checked = True
         agreed = found.to(found_inf.device)
         return {agreed.device: agreed}
@@ -168,12 +177,13 @@ class GradChecks:
                 f"torch.amp.GradScaler cannot see a {type(self).__name__}'s reduced gradients (each rank would "
                 "decide alone whether to skip the step); use shardopt.GradScaler, a drop-in subclass of it"
             )
-        if float(self.found_inf):
-            return True
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is not None:
-            self._scale_grads(reduced, grad_scale.double().reciprocal().float())
-        return False
+            # Even for a step it skips: torch's scaler unscales p.grad before it skips a torch.optim step.
+            inv_scale = grad_scale.double().reciprocal().float()
+            self._scale_grads(reduced, inv_scale)
+            self._unscale_own_grads(inv_scale)
+        return bool(float(self.found_inf))
 
 
 def clip_grad_norm_(
@@ -206,7 +216,9 @@ def clip_grad_norm_(
     norm_type = float(norm_type)
     if not (norm_type == math.inf or 0 < norm_type < math.inf):
         raise ValueError(f"norm_type must be a positive number or math.inf, got {norm_type!r}")
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.ExitStack() as calls:
+        for optimizer in optimizers:
+            calls.enter_context(optimizer._comm.call(CLIP_CALL))
         norms = torch.stack([optimizer._reduced_norm(norm_type).cpu() for optimizer in optimizers])
         if len(optimizers) == 1:
             joint = norms[0]

@@ -146,14 +146,19 @@ class ShardedLBFGS(OnGroup, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
         """One LBFGS step, torch's sequence of iterations; returns the first closure value averaged
-        over ranks. The comments are torch's; the changes are the sharded dot products."""
+        over ranks."""
         if hasattr(self, "found_inf"):  # set by torch.amp.GradScaler.step for this call
             del self.found_inf
             self.__dict__.pop("grad_scale", None)
             raise TypeError(SCALER_REFUSAL)
         if len(self.param_groups) != 1:
             raise AssertionError(f"Expected exactly one param_group, but got {len(self.param_groups)}")
-        self._comm.enter("step()", step=True)
+        with self._comm.call("step()", step=True):
+            return self._iterate(closure)
+
+    def _iterate(self, closure: Callable[[], Any]) -> Any:
+        """The iterations of a step: torch's ``LBFGS.step``, whose comments these are; the changes are
+        the sharded dot products."""
         group = self.param_groups[0]
         lr = _to_scalar(group["lr"])
         max_iter = group["max_iter"]
@@ -331,15 +336,17 @@ class ShardedLBFGS(OnGroup, torch.optim.Optimizer):
         """Collective: torch.optim.LBFGS's state_dict on every rank (its state under the first
         parameter), the sharded vectors all-gathered in one collective."""
         entry = self.state.get(self._params[0]) if self._params else None
+        sliced = []  # in the entry's key order, as they are taken back below
+        for key, value in (entry or {}).items():
+            if _sliced(key, value, VECTORS):
+                sliced.append(value)
+            elif _sliced(key, value, VECTOR_LISTS):
+                sliced += value
+        # A rank one step() ahead would pair that step's collectives with these: agree first.
+        with self._comm.call("state_dict()", agree=True):
+            full = iter(self._flat.gather(sliced, "the all-gather of the LBFGS state"))
         states = {}
         if entry:
-            sliced = []  # in the entry's key order, as they are taken back below
-            for key, value in entry.items():
-                if _sliced(key, value, VECTORS):
-                    sliced.append(value)
-                elif _sliced(key, value, VECTOR_LISTS):
-                    sliced += value
-            full = iter(self._flat.gather(sliced, "the all-gather of the LBFGS state"))
             packed: dict[str, Any] = {}
             for key, value in entry.items():
                 if _sliced(key, value, VECTORS):
@@ -360,21 +367,22 @@ class ShardedLBFGS(OnGroup, torch.optim.Optimizer):
         parameter's dtype and device); one exchange rebuilds the Gram matrices of the history.
         A dict for another model raises ValueError and leaves this optimizer as it was.
         """
-        new_groups, states, _ = state_format.unpack(state_dict, self.param_groups, self.defaults)
-        items = fingerprint.loaded_items(new_groups, states, groups.describe)
-        fingerprint.check(self._comm, items, "load_state_dict (every rank must load the same state dict)")
-        entry = states.get(self._params[0]) if self._params else None
-        loaded: dict[str, Any] = {}
-        for key, value in (entry or {}).items():
-            if _sliced(key, value, VECTORS):
-                loaded[key] = self._cut(value, key)
-            elif _sliced(key, value, VECTOR_LISTS):
-                loaded[key] = [self._cut(v, key) for v in value]
-            elif isinstance(value, list):
-                loaded[key] = [self._cast(v) for v in value]
-            else:
-                loaded[key] = self._cast(value)
-        self._restore_state(new_groups, loaded)
+        with self._comm.call("load_state_dict()", agree=True):
+            new_groups, states, _ = state_format.unpack(state_dict, self.param_groups, self.defaults)
+            items = fingerprint.loaded_items(new_groups, states, groups.describe)
+            fingerprint.check(self._comm, items, "load_state_dict (every rank must load the same state dict)")
+            entry = states.get(self._params[0]) if self._params else None
+            loaded: dict[str, Any] = {}
+            for key, value in (entry or {}).items():
+                if _sliced(key, value, VECTORS):
+                    loaded[key] = self._cut(value, key)
+                elif _sliced(key, value, VECTOR_LISTS):
+                    loaded[key] = [self._cut(v, key) for v in value]
+                elif isinstance(value, list):
+                    loaded[key] = [self._cast(v) for v in value]
+                else:
+                    loaded[key] = self._cast(value)
+            self._restore_state(new_groups, loaded)
 
     def _gram(self) -> tuple[Tensor, Tensor] | None:
         """The history's Gram matrices S^T Y and Y^T Y (the same on every rank); None without pairs."""

@@ -41,8 +41,8 @@ class OwnedOptimizer(ReplicatedOptimizer):
         **kwargs: the algorithm's keywords, with torch.optim's names, defaults and validation.
 
     After ``step()`` every ``p.grad`` holds the reduced gradient, as under DDP. Construction,
-    ``step``, ``clip_grad_norm_``, ``state_dict`` and ``add_param_group`` are collective: every
-    rank calls them, in the same order.
+    ``step``, ``clip_grad_norm_``, ``state_dict``, ``load_state_dict`` and ``add_param_group`` are
+    collective: every rank calls them, in the same order.
     """
 
     def __init__(
@@ -138,21 +138,23 @@ class OwnedOptimizer(ReplicatedOptimizer):
         One all-reduce says which parameters have state; one all-gather per dtype brings each
         parameter's state from its owner (the others allocate it empty, with its known shape).
         """
-        params = self._params()
-        mine = self._inner.state
-        entries: dict[Tensor, dict[str, Tensor]] = {}
-        tensors: list[Tensor] = []
-        owners: list[int] = []
-        for param, flag in zip(params, self._has_state()):
-            if not flag:
-                continue
-            owner = self._owner[param]
-            template = owned_state.initial_state(self._torch_class, param)
-            entry = {name: mine[param][name].clone() for name in template} if owner == self.rank else template
-            entries[param] = entry
-            tensors += entry.values()
-            owners += [owner] * len(entry)
-        owned_comm.gather_from_owners(self._comm, tensors, owners, "the all-gather of optimizer state")
+        # A rank one step() ahead would pair that step's collectives with these: agree first.
+        with self._comm.call("state_dict()", agree=True):
+            params = self._params()
+            mine = self._inner.state
+            entries: dict[Tensor, dict[str, Tensor]] = {}
+            tensors: list[Tensor] = []
+            owners: list[int] = []
+            for param, flag in zip(params, self._has_state()):
+                if not flag:
+                    continue
+                owner = self._owner[param]
+                template = owned_state.initial_state(self._torch_class, param)
+                entry = {name: mine[param][name].clone() for name in template} if owner == self.rank else template
+                entries[param] = entry
+                tensors += entry.values()
+                owners += [owner] * len(entry)
+            owned_comm.gather_from_owners(self._comm, tensors, owners, "the all-gather of optimizer state")
         return state_format.pack(self.param_groups, entries)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -163,9 +165,10 @@ class OwnedOptimizer(ReplicatedOptimizer):
         dict for another model raises ValueError naming the first mismatch and leaves this
         optimizer as it was.
         """
-        new_groups, states, _ = state_format.unpack(state_dict, self.param_groups, self.defaults)
-        items = fingerprint.loaded_items(new_groups, states, groups.describe)
-        fingerprint.check(self._comm, items, "load_state_dict (every rank must load the same state dict)")
+        with self._comm.call("load_state_dict()", agree=True):
+            new_groups, states, _ = state_format.unpack(state_dict, self.param_groups, self.defaults)
+            items = fingerprint.loaded_items(new_groups, states, groups.describe)
+            fingerprint.check(self._comm, items, "load_state_dict (every rank must load the same state dict)")
         name = self._torch_class.__name__
         templates = {}
         for g, group in enumerate(new_groups):

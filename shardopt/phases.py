@@ -3,10 +3,10 @@
 A collective that never completes says only that some rank did not join it. To name that rank,
 each rank posts one entry per optimizer on the store torch.distributed already has (the one
 ``init_process_group`` or torchrun set up): the collective calls it has entered (``step()``,
-``state_dict()``, a checkpoint save, ...), how many of them were ``step()`` calls, and the last
-one. That is one small write per call, not per collective (about 10 us on a TCPStore). On a
-failure a rank reads the others' entries, with a bounded wait, and names the ranks that are not
-in its call and where each of them is.
+``state_dict()``, ``clip_grad_norm_()``, a checkpoint save, ...), how many of them were
+``step()`` calls, and the last one. That is one small write per call, not per collective (about
+10 us on a TCPStore). On a failure a rank reads the others' entries, with a bounded wait, and
+names the ranks that are not in its call and where each of them is.
 
 The same entries catch ranks that called ``step()`` a different number of times: at the calls
 that must agree (``state_dict()``, loads, checkpoint saves, ``verify_every``), each rank waits on
@@ -37,7 +37,10 @@ READ_SECONDS = 5.0
 FIRST_PAUSE, LONGEST_PAUSE = 0.0005, 0.05
 CONSTRUCTION = "the optimizer's construction"
 UNREADABLE = "the phase board (on the process group's store) could not be read, so its host may have died"
-TOGETHER = "every rank must call step(), state_dict(), load_state_dict() and checkpoint save/load together"
+TOGETHER = (
+    "every rank must call step(), state_dict(), load_state_dict(), clip_grad_norm_(), a GradScaler's unscale_() "
+    "and checkpoint save/load together"
+)
 
 # Optimizers created on each process group, in order (the same on every rank): each gets its own entries.
 _created: defaultdict[str, Iterator[int]] = defaultdict(itertools.count)

@@ -50,8 +50,9 @@ class SparseRowOptimizer(ReplicatedOptimizer):
         **kwargs: SparseAdam's keywords (lr, betas, eps, maximize), with torch's defaults and validation.
 
     ``p.grad`` keeps this rank's own sparse gradient (the reduced one exists only row-sliced, on
-    the rows' owners). Construction, ``step``, ``clip_grad_norm_``, ``state_dict``,
-    ``load_state_dict`` and ``add_param_group`` are collective: every rank calls them, in the same order.
+    the rows' owners); ``shardopt.GradScaler`` unscales it, as torch's unscales ``p.grad``.
+    Construction, ``step``, ``clip_grad_norm_``, ``state_dict``, ``load_state_dict`` and
+    ``add_param_group`` are collective: every rank calls them, in the same order.
     """
 
     def __init__(
@@ -106,6 +107,14 @@ class SparseRowOptimizer(ReplicatedOptimizer):
 
     def _norm_tensors(self, reduced: Reduced) -> list[Tensor]:
         return self._grad_tensors(reduced)  # the ranks' rows are disjoint
+
+    def _unscale_own_grads(self, inv_scale: Tensor) -> None:
+        # The reduced rows are copies (sparse_exchange, entries_in): p.grad is unscaled on its own, in
+        # place and uncoalesced, as torch's GradScaler unscales an fp32 sparse p.grad's _values().
+        for param in self._params():
+            if param.grad is not None:
+                values = param.grad._values()
+                values.mul_(inv_scale.to(values.device, values.dtype))
 
     def _wrong_gradient(self, grad: Tensor) -> bool:
         return not grad.is_sparse
@@ -185,13 +194,15 @@ class SparseRowOptimizer(ReplicatedOptimizer):
         all-gather per parameter with state brings the row shards of exp_avg and exp_avg_sq.
         """
         entries: dict[Tensor, dict[str, Any]] = {}
-        for param in self._params():
-            state = self.state.get(param)
-            if not state:
-                continue
-            shards = [state[name] for name in STATE_NAMES]
-            full = sparse_exchange.gather_row_shards(self._comm, shards, self._rows[param])
-            entries[param] = {"step": state["step"], **{name: t.clone() for name, t in zip(STATE_NAMES, full)}}
+        # A rank one step() ahead would pair that step's collectives with these: agree first.
+        with self._comm.call("state_dict()", agree=True):
+            for param in self._params():
+                state = self.state.get(param)
+                if not state:
+                    continue
+                shards = [state[name] for name in STATE_NAMES]
+                full = sparse_exchange.gather_row_shards(self._comm, shards, self._rows[param])
+                entries[param] = {"step": state["step"], **{name: t.clone() for name, t in zip(STATE_NAMES, full)}}
         return state_format.pack(self.param_groups, entries)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -201,9 +212,10 @@ class SparseRowOptimizer(ReplicatedOptimizer):
         rows of the state. Everything is checked before anything changes: a dict for another model
         raises ValueError naming the first mismatch and leaves this optimizer as it was.
         """
-        new_groups, states, _ = state_format.unpack(state_dict, self.param_groups, self.defaults)
-        items = fingerprint.loaded_items(new_groups, states, groups.describe)
-        fingerprint.check(self._comm, items, "load_state_dict (every rank must load the same state dict)")
+        with self._comm.call("load_state_dict()", agree=True):
+            new_groups, states, _ = state_format.unpack(state_dict, self.param_groups, self.defaults)
+            items = fingerprint.loaded_items(new_groups, states, groups.describe)
+            fingerprint.check(self._comm, items, "load_state_dict (every rank must load the same state dict)")
         for g, group in enumerate(new_groups):
             for i, param in enumerate(group["params"]):
                 if param in states:

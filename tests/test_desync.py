@@ -16,6 +16,8 @@ from shardopt import checkpoint
 from shardopt.fingerprint import DesyncError, check, stable_hash
 from shardopt.phases import ranks_text
 from tests.common import assert_identical, flat_params, loss_of, make_model
+from tests.test_sparse import loss_of as sparse_loss_of
+from tests.test_sparse import make_embedding
 from tests.world import run_world
 
 
@@ -187,21 +189,95 @@ def one_step_more(directory: pathlib.Path, call: str) -> tuple[str, str]:
     return "no error", ""
 
 
+def assert_rank_1_one_step_ahead(per_rank: list[tuple[str, str]], call: str, timeout: float, label: str) -> None:
+    """Every rank raised DesyncError naming rank 1 in its extra step() and the others in ``call``."""
+    others = [rank for rank in range(len(per_rank)) if rank != 1]
+    counts = f"{ranks_text(others)} {'is' if len(others) == 1 else 'are'} in {call} after 1 step() call"
+    for rank, (kind, message) in enumerate(per_rank):
+        assert kind == "DesyncError", f"{label}, rank {rank}: {kind}: {message}"
+        assert "rank 1 is in step() call 2" in message and counts in message, f"{label}, rank {rank}: {message}"
+    # The others find rank 1 on the phase board before any collective; rank 1 waits in its step.
+    for rank in others:
+        assert per_rank[rank][1].startswith(f"ranks disagree at {call} after 1 step() call: "), (label, per_rank[rank])
+    assert f"did not complete (the timeout is {timeout:g} s)" in per_rank[1][1], (label, per_rank[1])
+
+
 @pytest.mark.parametrize(("call", "world_size"), [("state_dict()", 3), ("checkpoint.save", 2)])
 def test_a_rank_with_one_step_more_is_a_desync_error_naming_the_step_counts(
     call: str, world_size: int, tmp_path: pathlib.Path
 ) -> None:
     # A world of its own: rank 1 leaves its extra step's collectives pending.
     per_rank = run_world(one_step_more, world_size, tmp_path, call, fresh=True)
-    others = [rank for rank in range(world_size) if rank != 1]
-    counts = f"{ranks_text(others)} {'is' if len(others) == 1 else 'are'} in {call} after 1 step() call"
-    for rank, (kind, message) in enumerate(per_rank):
-        assert kind == "DesyncError", f"rank {rank}: {kind}: {message}"
-        assert "rank 1 is in step() call 2" in message and counts in message, f"rank {rank}: {message}"
-    # The others find rank 1 on the phase board before any collective; rank 1 waits in its step.
-    for rank in others:
-        assert per_rank[rank][1].startswith(f"ranks disagree at {call} after 1 step() call: "), per_rank[rank]
-    assert f"did not complete (the timeout is {STEP_DESYNC_TIMEOUT} s)" in per_rank[1][1], per_rank[1]
+    assert_rank_1_one_step_ahead(per_rank, call, STEP_DESYNC_TIMEOUT, "Adam")
+
+
+# ---------------------------------------------------------------------- whole-parameter optimizers and clipping
+
+# Seconds: how long each mismatched call below waits in its collective before it raises (rank 1's
+# extra step waits it out in every case, so the whole world's time grows with it).
+MISMATCH_TIMEOUT = 2
+WHOLE_PARAMETER = ("Adafactor", "SparseAdam", "LBFGS")
+
+
+def driven(algorithm: str, group: Any) -> tuple[Any, Callable[[int], None]]:
+    """A new optimizer of ``algorithm`` on ``group``, and one training step of it on this rank's data."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    model: nn.Module = make_embedding() if algorithm == "SparseAdam" else make_model()
+    loss = sparse_loss_of if algorithm == "SparseAdam" else loss_of
+    keywords = {"max_iter": 2} if algorithm == "LBFGS" else {"lr": 1e-2}
+    optimizer = getattr(shardopt, algorithm)(
+        model.parameters(), process_group=group, timeout=MISMATCH_TIMEOUT, **keywords
+    )
+
+    def train_step(step: int) -> None:
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            value = loss(model, rank, step)
+            value.backward()
+            return value
+
+        if algorithm == "LBFGS":
+            optimizer.step(closure)
+        else:
+            closure()
+            optimizer.step()
+
+    return optimizer, train_step
+
+
+def whole_parameter_step_desyncs() -> dict[tuple[str, str], tuple[str, str]]:
+    """Rank 1 calls step() once more than rank 0, then both call state_dict(), or load_state_dict() of
+    the dict they took together: what each raised, per (algorithm, call). Each case runs on a process
+    group of its own, as rank 1's extra step leaves its collective pending on the case's group."""
+    import torch.distributed as dist
+
+    rank, found = dist.get_rank(), {}
+    for algorithm in WHOLE_PARAMETER:
+        for call in ("state_dict()", "load_state_dict()"):
+            optimizer, train_step = driven(algorithm, dist.new_group())
+            try:
+                train_step(0)
+                saved = optimizer.state_dict() if call == "load_state_dict()" else None
+                if rank == 1:
+                    train_step(1)
+                if saved is None:
+                    optimizer.state_dict()
+                else:
+                    optimizer.load_state_dict(saved)
+                found[(algorithm, call)] = ("no error", "")
+            except Exception as error:
+                found[(algorithm, call)] = (type(error).__name__, str(error))
+    return found
+
+
+def test_whole_parameter_optimizers_name_a_rank_with_one_step_more_at_state_dict_and_load() -> None:
+    per_rank = run_world(whole_parameter_step_desyncs, 2, fresh=True)  # it leaves collectives pending
+    for algorithm in WHOLE_PARAMETER:
+        for call in ("state_dict()", "load_state_dict()"):
+            outcomes = [found[(algorithm, call)] for found in per_rank]
+            assert_rank_1_one_step_ahead(outcomes, call, MISMATCH_TIMEOUT, f"{algorithm} {call}")
 
 
 def test_hashes_are_stable_and_a_world_of_one_checks_nothing() -> None:
@@ -218,3 +294,57 @@ def test_verify_every_is_validated() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="verify_every must be None or a number of steps >= 1"):
             shardopt.Adam(make_model().parameters(), lr=1e-2, verify_every=bad)
+
+
+# What rank 0 calls between backward and step() that rank 1 skips, per case: the call the errors must name.
+SKIPPED = {
+    "Adam, clip_grad_norm_": "clip_grad_norm_()",
+    "Adafactor, clip_grad_norm_": "clip_grad_norm_()",
+    "Adafactor and Adam, shardopt.clip_grad_norm_": "clip_grad_norm_()",
+    "Adafactor, GradScaler.unscale_": "GradScaler.unscale_()",
+}
+
+
+def skipped_calls() -> dict[str, tuple[str, str]]:
+    """Rank 0 clips (or unscales) before step(), rank 1 goes straight to step(): what each raised, per
+    case, each on a process group of its own (the mismatched collectives stay pending on it)."""
+    import torch.distributed as dist
+
+    rank, found = dist.get_rank(), {}
+    for case in SKIPPED:
+        group, model = dist.new_group(), make_model()
+        options = {"lr": 1e-2, "process_group": group, "timeout": MISMATCH_TIMEOUT}
+        if case.startswith("Adafactor and Adam"):
+            matrices = [model.hidden.weight, model.out.weight]
+            rest = [model.hidden.bias, model.out.bias, model.scale]
+            optimizers = [shardopt.Adafactor(matrices, **options), shardopt.Adam(rest, **options)]
+        else:
+            optimizers = [getattr(shardopt, case.split(",")[0])(model.parameters(), **options)]
+        scaler = shardopt.GradScaler("cpu")
+        try:
+            scaler.scale(loss_of(model, rank, 0)).backward()
+            if rank == 0 and case.endswith("GradScaler.unscale_"):
+                scaler.unscale_(optimizers[0])
+            elif rank == 0 and len(optimizers) > 1:
+                shardopt.clip_grad_norm_(optimizers, 1.0)
+            elif rank == 0:
+                optimizers[0].clip_grad_norm_(1.0)
+            for optimizer in optimizers:
+                optimizer.step()
+            found[case] = ("no error", "")
+        except Exception as error:
+            found[case] = (type(error).__name__, str(error))
+    return found
+
+
+def test_a_rank_that_skips_the_clip_or_the_unscale_is_named_with_the_call_on_every_rank() -> None:
+    per_rank = run_world(skipped_calls, 2, fresh=True)  # it leaves collectives pending
+    for case, call in SKIPPED.items():
+        for rank, found in enumerate(per_rank):
+            kind, message = found[case]
+            where = f"{case}, rank {rank}: {kind}: {message}"
+            # Each rank's collective times out; the board tells where the other is.
+            assert kind == "DesyncError", where
+            assert f"did not complete (the timeout is {MISMATCH_TIMEOUT} s)" in message, where
+            assert f"({call if rank == 0 else 'step() call 1'}) on rank {rank} of 2" in message, where
+            assert f"rank 0 is in {call} while rank 1 is in step() call 1" in message, where

@@ -237,6 +237,46 @@ def test_grad_scaler_skips_a_step_on_every_rank_and_matches_torch(world_size: in
                 assert torch.equal(params, per_rank[0][algorithm]["params"][step]), f"{where}: ranks differ at {step}"
 
 
+def sparse_grads_run() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per step, this rank's SparseAdam ``p.grad`` after shardopt.GradScaler's step() (and, at step
+    CLIPPED, after its unscale_() first), next to what torch.amp.GradScaler leaves in ``p.grad`` of a
+    torch.optim.SparseAdam given the same parameters and this rank's own gradient.
+
+    Every rank's gradient holds an inf at step POISONED, so that torch's scaler (which sees one rank's
+    gradient) skips the same steps as shardopt's and the two scales stay equal."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    ours, theirs = make_embedding(), make_embedding()
+    optimizer = shardopt.SparseAdam(ours.parameters(), lr=0.05)
+    reference = torch.optim.SparseAdam(theirs.parameters(), lr=0.05)
+    scalers = shardopt.GradScaler("cpu", **SCALER), torch.amp.GradScaler("cpu", **SCALER)
+    grads = []
+    for step in range(SCALER_STEPS):
+        with torch.no_grad():
+            theirs.weight.copy_(ours.weight)
+        for model, scaler in zip((ours, theirs), scalers):
+            model.zero_grad()
+            scaler.scale(sparse_loss_of(model, rank, step)).backward()
+            if step == POISONED:
+                poison_first_gradient(model)
+        if step == CLIPPED:
+            for target, scaler in zip((optimizer, reference), scalers):
+                scaler.unscale_(target)
+            grads.append((ours.weight.grad.to_dense(), theirs.weight.grad.to_dense()))
+        for target, scaler in zip((optimizer, reference), scalers):
+            scaler.step(target)
+            scaler.update()
+        grads.append((ours.weight.grad.to_dense(), theirs.weight.grad.to_dense()))
+    return grads
+
+
+def test_sparse_adam_p_grad_is_unscaled_as_torchs_grad_scaler_leaves_it() -> None:
+    for rank, grads in enumerate(run_world(sparse_grads_run, 2)):
+        for index, (ours, theirs) in enumerate(grads):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=f"rank {rank}, p.grad number {index}")
+
+
 def refusals_run() -> dict[str, str]:
     import torch.distributed as dist
 
