@@ -7,10 +7,12 @@ For every sharded algorithm, on one process and the same total parameters:
   over ``--tensors`` parameters;
 - shardopt at N=1: the update of one flat shard (``update``), and the whole ``step()``
   with its gradient flattening (``step``);
-- shardopt at N=2: each rank's update of its half, timed inside a real 2-rank gloo world;
+- shardopt at N=2: each rank's update of its half, timed inside a real 2-rank gloo world, ranks
+  taking turns, against the same rank's update of all the parameters (N=1) in the same turns; and
+  with both ranks updating at once (they then share the machine's memory bandwidth);
 - the memory roofline: the bytes the update must move per parameter (read parameter,
   gradient and state; write parameter and state) over an in-place STREAM-style
-  bandwidth measured in the same run.
+  bandwidth measured in the same run, in turns with the row's contenders.
 Prints a Markdown table and writes it, with a PNG chart, under benchmarks/results/.
 """
 
@@ -76,13 +78,6 @@ class Stream:
             (4 * 4 * self.numel, lambda: a.addcmul_(b, c, value=0.5)),
         ]
 
-    def bandwidth_beside(self, fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
-        """(median seconds of ``fn``, bandwidth in bytes per second) with the probes timed in
-        turns with ``fn``: the roofline each update is held to is the machine's at that moment."""
-        probes = self.probes()
-        seconds = interleaved_medians([fn] + [probe for _, probe in probes], repeats)
-        return seconds[0], max(moved / s for (moved, _), s in zip(probes, seconds[1:]))
-
 
 def bytes_per_element(optimizer: torch.optim.Optimizer) -> int:
     """What one update must move per parameter element: read param, grad and every
@@ -97,18 +92,19 @@ def make_params(numel: int, tensors: int) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.randn(size)) for _ in range(tensors)]
 
 
-def time_torch(torch_class: type, params: list[torch.nn.Parameter], impl: str, repeats: int) -> float:
+def torch_step(torch_class: type, numel: int, tensors: int, impl: str) -> Callable[[], Any]:
+    """The step of a torch.optim ``impl`` ("forloop", "foreach", "fused") over fresh parameters."""
+    params = make_params(numel, tensors)
     options = {"foreach": impl == "foreach"} if impl != "fused" else {"fused": True}
     optimizer = torch_class(params, lr=1e-4, **KEYWORDS.get(torch_class.__name__, {}), **options)
     for p in params:
         p.grad = torch.randn_like(p)
-    return median_seconds(optimizer.step, repeats)
+    return optimizer.step
 
 
-def time_shardopt(
-    torch_class: type, params: list[torch.nn.Parameter], repeats: int, stream: Stream
-) -> tuple[float, float, int, float]:
-    """(update seconds, step seconds, bytes per element, bandwidth beside the update) at N=1."""
+def shardopt_steps(torch_class: type, numel: int, tensors: int) -> tuple[Callable[[], Any], Callable[[], Any], int]:
+    """(the update alone, the whole step(), bytes per element) of shardopt at N=1 over fresh parameters."""
+    params = make_params(numel, tensors)
     optimizer = shardopt.ShardedOptimizer(params, torch_class, lr=1e-4, **KEYWORDS.get(torch_class.__name__, {}))
     grads = [torch.randn_like(p) for p in params]
 
@@ -117,9 +113,8 @@ def time_shardopt(
             p.grad = g
         optimizer.step()
 
-    step_seconds = median_seconds(step, repeats)
-    update_seconds, bandwidth = stream.bandwidth_beside(lambda: time_update(optimizer), repeats)
-    return update_seconds, step_seconds, bytes_per_element(optimizer), bandwidth
+    step()
+    return (lambda: time_update(optimizer)), step, bytes_per_element(optimizer)
 
 
 def time_update(optimizer: shardopt.ShardedOptimizer) -> None:
@@ -131,27 +126,39 @@ def time_update(optimizer: shardopt.ShardedOptimizer) -> None:
     optimizer._run(works)
 
 
-def per_rank_update(numel: int, tensors: int, repeats: int) -> dict[str, tuple[float, float]]:
-    """On each rank of a world: seconds of this rank's update, per algorithm, (all ranks updating at
-    once, ranks taking turns). At once, the ranks of one machine share its memory bandwidth, which
-    ranks on separate GPUs do not; taking turns shows the work each rank is left with."""
+def per_rank_update(numel: int, tensors: int, repeats: int) -> dict[str, tuple[float, float, float]]:
+    """On each rank of a world: seconds of this rank's update, per algorithm: (all ranks updating at
+    once; ranks taking turns; in the same turns, this rank updating all the parameters alone).
+
+    At once, the ranks of one machine share its memory bandwidth, which ranks on separate GPUs do
+    not; taking turns shows the work each rank is left with. The update of all parameters (a world
+    of one, on a group of this rank alone) is timed in turns with the shard's, in the same process
+    with the same threads, so that a change in the machine's load falls on both alike."""
     import torch.distributed as dist
 
     torch.manual_seed(0)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    alone_groups = [dist.new_group([r]) for r in range(world)]
     result = {}
     for torch_class in ALGORITHMS:
-        params = make_params(numel, tensors)
-        optimizer = shardopt.ShardedOptimizer(params, torch_class, lr=1e-4, **KEYWORDS.get(torch_class.__name__, {}))
-        for p in params:
+        keywords = {"lr": 1e-4, **KEYWORDS.get(torch_class.__name__, {})}
+        params, whole_params = make_params(numel, tensors), make_params(numel, tensors)
+        optimizer = shardopt.ShardedOptimizer(params, torch_class, **keywords)
+        whole = shardopt.ShardedOptimizer(whole_params, torch_class, process_group=alone_groups[rank], **keywords)
+        for p in params + whole_params:
             p.grad = torch.randn_like(p)
         optimizer.step()
+        whole.step()
         together = median_seconds(lambda o=optimizer: time_update(o), repeats)
-        for turn in range(dist.get_world_size()):
+        for turn in range(world):
             dist.barrier()
-            if turn == dist.get_rank():
-                alone = median_seconds(lambda o=optimizer: time_update(o), repeats)
+            if turn == rank:
+                alone, whole_alone = interleaved_medians(
+                    [lambda o=optimizer: time_update(o), lambda o=whole: time_update(o)], repeats
+                )
         dist.barrier()
-        result[torch_class.__name__] = (together, alone)
+        result[torch_class.__name__] = (together, alone, whole_alone)
+        del optimizer, whole, params, whole_params
     return result
 
 
@@ -165,20 +172,28 @@ def main() -> None:
     numel, threads = int(args.numel), torch.get_num_threads()
     stream = Stream(numel)
     bandwidths = []
-    # Each rank of the N=2 world runs with half of this process's threads, as two ranks share the machine.
-    per_rank = [run_world(per_rank_update, n, numel, args.tensors, args.repeats, timeout=3600) for n in (1, 2)]
+    # Each rank of the world runs with one thread, as two ranks share the machine's two cores.
+    per_rank = run_world(per_rank_update, 2, numel, args.tensors, args.repeats, timeout=3600)
     rows = []
     for torch_class in ALGORITHMS:
         name = torch_class.__name__
         impls = ["forloop", "foreach"] + (["fused"] if name in NATIVE_FUSED else [])
-        torch_seconds = {
-            impl: time_torch(torch_class, make_params(numel, args.tensors), impl, args.repeats) for impl in impls
-        }
-        params = make_params(numel, args.tensors)
-        update, step, moved, bandwidth = time_shardopt(torch_class, params, args.repeats, stream)
+        # Every contender of a row and the STREAM probes are timed in turns, so that a change in
+        # the machine's load (other processes, frequency) falls on all of them alike.
+        torch_steps = {impl: torch_step(torch_class, numel, args.tensors, impl) for impl in impls}
+        update_fn, step_fn, moved = shardopt_steps(torch_class, numel, args.tensors)
+        probes = stream.probes()
+        contenders = [*torch_steps.values(), update_fn, step_fn, *(probe for _, probe in probes)]
+        seconds = interleaved_medians(contenders, args.repeats)
+        torch_seconds = dict(zip(torch_steps, seconds))
+        update, step = seconds[len(impls)], seconds[len(impls) + 1]
+        bandwidth = max(bytes_moved / s for (bytes_moved, _), s in zip(probes, seconds[len(impls) + 2 :]))
+        del torch_steps, update_fn, step_fn, contenders
         bandwidths.append(bandwidth)
-        n1 = per_rank[0][0][name][0]
-        n2, n2_alone = (max(rank[name][i] for rank in per_rank[1]) for i in (0, 1))
+        n2 = max(rank[name][0] for rank in per_rank)
+        # Each rank's shard against its own update of everything, timed in the same turns.
+        in_turns = max(rank[name][1] / rank[name][2] for rank in per_rank)
+        n1 = statistics.median(rank[name][2] for rank in per_rank)
         best = min(torch_seconds.values())
         rows.append(
             {
@@ -190,8 +205,8 @@ def main() -> None:
                 "STREAM beside it (GB/s)": bandwidth / 1e9,
                 "roofline (ms)": 1e3 * moved * numel / bandwidth,
                 "% of roofline": 100 * (moved * numel / bandwidth) / update,
-                "N=2/N=1 update per rank (1 thread)": n2 / n1,
-                "N=2/N=1, ranks taking turns": n2_alone / n1,
+                "N=2/N=1 per rank, in turns (1 thread)": in_turns,
+                "N=2/N=1, both ranks at once": n2 / n1,
             }
         )
     columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -199,7 +214,7 @@ def main() -> None:
         f"{numel:,} fp32 parameters in {args.tensors} tensors; {platform.machine()}, {os.cpu_count()} cores, "
         f"{threads} torch threads, torch {torch.__version__}; in-place STREAM bandwidth "
         f"{min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f} GB/s, "
-        "timed in turns with each update; "
+        "timed in turns with the contenders of each row; "
         f"shardopt path: {'compiled where not native' if os.environ.get(kernels.COMPILE_ENV) != '0' else 'eager'}."
     )
     lines = [header, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]

@@ -342,11 +342,13 @@ def report(args: argparse.Namespace, outcomes: list[Outcome]) -> str:
         "",
         *sanity_lines(outcomes, args.warmup + args.steps),
         "",
-        "Step: zero_grad + forward + backward + optimizer step, each rank timed from a barrier; a step lasts "
-        "until its slowest rank is done. MB = 10^6 bytes; per rank = the busiest rank. Peak: increase over "
+        "Step: zero_grad + forward + backward + optimizer step, steps back to back (no barrier between them, "
+        "which would absorb work left in flight), each timed from the end of the one before on its rank; a step "
+        "lasts as long as its slowest rank's. MB = 10^6 bytes; per rank = the busiest rank. Peak: increase over "
         f"the rank's memory before the model was built ({memory_how}). Wire: bytes each rank sends per step "
         "on a ring (all-reduce 2(N-1)/N x size, reduce-scatter / all-gather / broadcast / reduce (N-1)/N x "
-        "full size), from the torch.distributed Python collectives each step called; (analytic): DDP's "
+        "full size; a point-to-point send its payload), from the torch.distributed Python collectives and "
+        "sends each step called; (analytic): DDP's "
         "reducer all-reduces every gradient from C++, which is computed as 2(N-1)/N x gradient bytes. "
         "Collectives of the last timed step on rank 0:",
         "",

@@ -395,21 +395,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(width, args.depth, ctx.device)
     trainer = contender.setup(model, ctx)
 
+    total = args.warmup + args.steps
+    batches = [make_batch(step, ctx.rank, args.batch_size, args.seq_len, width, ctx.device) for step in range(total)]
     step_seconds, wire_bytes, losses = [], [], []
-    for step in range(args.warmup + args.steps):
-        x, y = make_batch(step, ctx.rank, args.batch_size, args.seq_len, width, ctx.device)
-        dist.barrier()  # every rank starts the step together, so a step's time is its own
-        synchronize(ctx.device)
+    # Steps run back to back, as in training: a barrier between them would wait for the parameter
+    # all-gathers that overlap_param_gather leaves in flight and take them out of the timed step.
+    # A step is the time from the end of the step before it; the last one includes finish().
+    dist.barrier()
+    synchronize(ctx.device)
+    before = time.perf_counter()
+    for step, (x, y) in enumerate(batches):
         counter.reset()
-        start = time.perf_counter()
         loss = trainer.step(x, y)
+        if step == total - 1:
+            trainer.finish()
         synchronize(ctx.device)
-        elapsed = time.perf_counter() - start
+        now = time.perf_counter()
+        elapsed, before = now - before, now
         losses.append(float(loss))
         if step >= args.warmup:
             step_seconds.append(elapsed)
             wire_bytes.append(counter.wire_bytes)
-    trainer.finish()
     peak = memory.peak()
     result = {
         "contender": args.contender,

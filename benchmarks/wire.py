@@ -10,7 +10,8 @@ caches are the wrappers.
 Ring costs per rank, for a group of N ranks and a payload of S bytes:
 all-reduce 2(N-1)/N x S; reduce-scatter and all-gather (N-1)/N x S of the full
 (unscattered / gathered) tensor; broadcast and reduce (N-1)/N x S (a pipelined chain
-sends S over N-1 links: that average per rank); all-to-all (N-1)/N x S.
+sends S over N-1 links: that average per rank); all-to-all (N-1)/N x S. A point-to-point
+send (shardopt's rings on gloo) puts its payload on the wire once; receives count nothing.
 
 Collectives issued from C++ (DDP's reducer, functional collectives) never reach these
 wrappers: callers account for them analytically.
@@ -39,6 +40,10 @@ def _ring_one_pass(n: int) -> float:
     return (n - 1) / n
 
 
+def _point_to_point(n: int) -> float:
+    return 1.0
+
+
 # name -> (argument holding the payload, ring factor as a function of N).
 RULES: dict[str, tuple[str, Callable[[int], float]]] = {
     "all_reduce": ("tensor", _ring_all_reduce),
@@ -57,6 +62,8 @@ RULES: dict[str, tuple[str, Callable[[int], float]]] = {
     "reduce_scatter": ("input_list", _ring_one_pass),
     "all_to_all_single": ("input", _ring_one_pass),
     "all_to_all": ("input_tensor_list", _ring_one_pass),
+    "send": ("tensor", _point_to_point),
+    "isend": ("tensor", _point_to_point),
 }
 
 

@@ -18,10 +18,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import fingerprint
+from .pending import Pending
 from .phases import CONSTRUCTION, TOGETHER, Phase, PhaseBoard
+from .ring import Ring
 
-# From this many elements on, gloo all-gathers faster as an all-reduce (measured: see Comm.__init__).
-ALL_GATHER_VIA_ALL_REDUCE_NUMEL = 1 << 22
+__all__ = ["Comm", "OnGroup", "Pending", "as_timedelta"]
 
 
 def as_timedelta(timeout: float | timedelta) -> timedelta:
@@ -49,7 +50,7 @@ class Comm:
             process_group = dist.group.WORLD
         self.group = process_group
         if process_group is None:
-            self.rank, self.world_size, self._via_all_reduce = 0, 1, False
+            self.rank, self.world_size, self._rings = 0, 1, False
             self._board = PhaseBoard(None, 0, 1)
             return
         self.rank = dist.get_rank(process_group)
@@ -58,12 +59,10 @@ class Comm:
         self.world_size = dist.get_world_size(process_group)
         self._board = PhaseBoard(process_group, self.rank, self.world_size)
         self._board.post(self.phase)
-        # gloo's reduce-scatter and large all-gathers are slower than its all-reduce of the whole
-        # buffer (2 ranks on loopback: 1M floats reduce-scatter 14.8 ms vs all-reduce 6.5 ms; 8M floats
-        # all-gather 91 ms vs 55 ms through an all-reduce of the zero-filled buffer; 2M floats 8.9 vs
-        # 12.8 ms), so on gloo the same bytes reach the same ranks through all-reduces. NCCL keeps the
-        # true collectives, which move 1/N of the bytes.
-        self._via_all_reduce = dist.get_backend(process_group) == "gloo"
+        # gloo's reduce-scatter and all-gather are its slowest collectives: on gloo shardopt sends the
+        # same bytes around a ring of point-to-point messages (ring.py), 2-3x faster. NCCL keeps its own
+        # collectives, rings already.
+        self._rings = dist.get_backend(process_group) == "gloo" and self.world_size > 1
 
     @property
     def device(self) -> torch.device:
@@ -151,14 +150,13 @@ class Comm:
 
     def reduce_scatter(self, shard: Tensor, full: Tensor, what: str) -> Pending:
         """Before: every rank holds a ``full`` buffer. After: rank r's ``shard`` is the sum of
-        all ranks' r-th slices of it (on gloo ``full`` is summed in place on the way)."""
+        all ranks' r-th slices of it (on gloo ``full`` is summed in place on the way). ``shard`` is
+        not a part of ``full``."""
         if self.world_size == 1:
             shard.copy_(full)
             return self._issue(None, what)
-        if self._via_all_reduce:
-            mine = full[self.rank * shard.numel() : (self.rank + 1) * shard.numel()]
-            work = dist.all_reduce(full, group=self.group, async_op=True)
-            return self._issue(work, what, then=lambda: shard.copy_(mine))
+        if self._rings:
+            return Ring(self, full, shard, what, reduce=True)
         return self._issue(dist.reduce_scatter_single(shard, full, group=self.group, async_op=True), what)
 
     def all_gather(self, full: Tensor, shard: Tensor, what: str) -> Pending:
@@ -170,13 +168,8 @@ class Comm:
             if shard.data_ptr() != full.data_ptr():
                 full.copy_(shard)
             return self._issue(None, what)
-        if self._via_all_reduce and full.numel() >= ALL_GATHER_VIA_ALL_REDUCE_NUMEL:
-            start, end = self.rank * shard.numel(), (self.rank + 1) * shard.numel()
-            if shard.data_ptr() != full[start:].data_ptr():
-                full[start:end].copy_(shard)
-            full[:start].zero_()
-            full[end:].zero_()
-            return self._issue(dist.all_reduce(full, group=self.group, async_op=True), what)
+        if self._rings:
+            return Ring(self, full, shard, what, reduce=False)
         return self._issue(dist.all_gather_single(full, shard, group=self.group, async_op=True), what)
 
     def broadcast_(self, tensor: Tensor, what: str, src: int = 0) -> Pending:
@@ -185,22 +178,6 @@ class Comm:
             return self._issue(None, what)
         global_src = dist.get_global_rank(self.group, src)
         return self._issue(dist.broadcast(tensor, src=global_src, group=self.group, async_op=True), what)
-
-
-class Pending:
-    """An issued collective; ``wait()`` bounds it by the group's timeout, names it in the error,
-    and then runs what completes it on this rank (``then``)."""
-
-    def __init__(self, comm: Comm, work: dist.Work | None, what: str, then: Callable[[], None] | None = None) -> None:
-        self._comm, self._work, self.what, self._then = comm, work, what, then
-
-    def wait(self) -> None:
-        work, then = self._work, self._then
-        self._work = self._then = None
-        if work is not None:
-            self._comm.wait(work, self.what)
-        if then is not None:
-            then()
 
 
 class OnGroup:

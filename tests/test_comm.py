@@ -2,47 +2,102 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
-from shardopt import comm as comm_module
+from shardopt import ring
 from shardopt.comm import Comm
 from tests.world import run_world
 
 
-def collectives(via_all_reduce: bool, numel: int) -> dict[str, torch.Tensor]:
+def collectives(rings: bool, numel: int, piece_bytes: int) -> dict[str, list[torch.Tensor] | torch.Tensor]:
+    """Three reduce-scatters in flight at once (rings waited in issue order, as the reducer does),
+    then in-place and out-of-place all-gathers, by gloo's own collectives or by the rings."""
     import torch.distributed as dist
 
     comm = Comm(None, timeout=60)
-    comm._via_all_reduce = via_all_reduce
-    comm_module.ALL_GATHER_VIA_ALL_REDUCE_NUMEL = 0  # take the all-reduce path at any size
-    rank, world = comm.rank, comm.world_size
-    generator = torch.Generator().manual_seed(rank)
-    full = torch.randn(numel * world, generator=generator)
-    inputs = full.clone()
-    shard = torch.empty(numel)
-    comm.reduce_scatter(shard, full, "test reduce-scatter").wait()
-    flat = torch.zeros(numel * world)
-    flat[rank * numel : (rank + 1) * numel] = rank + 1
-    comm.all_gather(flat, flat[rank * numel : (rank + 1) * numel], "test all-gather").wait()
-    separate = torch.full((numel * world,), -1.0)
-    comm.all_gather(separate, torch.full((numel,), float(rank)), "test all-gather").wait()
+    comm._rings = rings
+    saved, ring.PIECE_BYTES = ring.PIECE_BYTES, piece_bytes
+    try:
+        rank, world = comm.rank, comm.world_size
+        generator = torch.Generator().manual_seed(rank)
+        fulls = [torch.randn(numel * world, generator=generator) for _ in range(3)]
+        inputs = [full.clone() for full in fulls]
+        shards = [torch.empty(numel) for _ in fulls]
+        pending = [comm.reduce_scatter(shard, full, "test reduce-scatter") for shard, full in zip(shards, fulls)]
+        for each in pending:
+            each.wait()
+        flat = torch.zeros(numel * world)
+        flat[rank * numel : (rank + 1) * numel] = torch.arange(numel) + 100 * rank
+        in_place = comm.all_gather(flat, flat[rank * numel : (rank + 1) * numel], "test all-gather")
+        separate = torch.full((numel * world,), -1.0)
+        out_of_place = comm.all_gather(separate, torch.full((numel,), float(rank)), "test all-gather")
+        in_place.wait()
+        out_of_place.wait()
+    finally:
+        ring.PIECE_BYTES = saved
     assert dist.get_world_size() == world
-    return {"inputs": inputs, "shard": shard, "in_place": flat, "separate": separate}
+    return {"inputs": inputs, "shards": shards, "in_place": flat, "separate": separate}
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("via_all_reduce", [False, True], ids=["native", "via-all-reduce"])
-def test_reduce_scatter_and_all_gather(world_size: int, via_all_reduce: bool) -> None:
-    numel = 5
-    # fresh: collectives() rebinds comm.ALL_GATHER_VIA_ALL_REDUCE_NUMEL for the rest of its process.
-    per_rank = run_world(collectives, world_size, via_all_reduce, numel, fresh=True)
-    total = sum(result["inputs"] for result in per_rank)
-    expected_gather = torch.arange(1, world_size + 1, dtype=torch.float32).repeat_interleave(numel)
-    for rank, result in enumerate(per_rank):
-        torch.testing.assert_close(result["shard"], total[rank * numel : (rank + 1) * numel])
+@pytest.mark.parametrize(
+    ("world_size", "numel", "piece_bytes"),
+    [(2, 5, 1 << 20), (2, 1000, 400), (3, 7, 8), (3, 1000, 1000), (4, 33, 40)],
+    ids=["2-one-piece", "2-pieces", "3-pieces-of-2", "3-pieces", "4-pieces"],
+)
+@pytest.mark.parametrize("rings", [False, True], ids=["native", "ring"])
+def test_reduce_scatter_and_all_gather(world_size: int, numel: int, piece_bytes: int, rings: bool) -> None:
+    per_rank = run_world(collectives, world_size, rings, numel, piece_bytes)
+    expected_gather = (torch.arange(numel) + 100 * torch.arange(world_size)[:, None]).flatten().float()
+    for which in range(3):
+        total = torch.stack([result["inputs"][which] for result in per_rank]).double().sum(0)
+        for rank, result in enumerate(per_rank):
+            mine = total[rank * numel : (rank + 1) * numel].float()
+            torch.testing.assert_close(result["shards"][which], mine)
+    for result in per_rank:
         assert torch.equal(result["in_place"], expected_gather)
-        assert torch.equal(result["separate"], expected_gather - 1)
+        assert torch.equal(result["separate"], torch.arange(world_size).repeat_interleave(numel).float())
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 5])
+def test_a_reduce_scatter_ring_ends_with_each_chunk_summed_once_per_rank(world_size: int) -> None:
+    """Simulated without processes: each rank's partial sums, as sets of the ranks they hold."""
+    partial = [[{rank} for _ in range(world_size)] for rank in range(world_size)]
+    for step in range(world_size - 1):
+        sent = [ring.reduce_scatter_chunks(rank, world_size, step) for rank in range(world_size)]
+        outgoing = [set(partial[rank][chunk]) for rank, (chunk, _) in enumerate(sent)]
+        for rank in range(world_size):
+            previous = (rank - 1) % world_size
+            receive = sent[rank][1]
+            assert receive == sent[previous][0], "a rank adds the chunk its left neighbour sends"
+            partial[rank][receive] |= outgoing[previous]
+    for rank in range(world_size):
+        assert partial[rank][rank] == set(range(world_size))
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 5])
+def test_an_all_gather_ring_brings_every_chunk_to_every_rank(world_size: int) -> None:
+    held = [{rank} for rank in range(world_size)]
+    for step in range(world_size - 1):
+        sent = [ring.all_gather_chunks(rank, world_size, step) for rank in range(world_size)]
+        for rank, (chunk, _) in enumerate(sent):
+            assert chunk in held[rank], "a rank only forwards what it holds"
+        for rank in range(world_size):
+            previous = (rank - 1) % world_size
+            assert sent[rank][1] == sent[previous][0]
+            held[rank].add(sent[rank][1])
+    assert all(chunks == set(range(world_size)) for chunks in held)
+
+
+@pytest.mark.parametrize(("numel", "itemsize", "piece_bytes"), [(0, 4, 8), (1, 4, 8), (10, 4, 8), (10, 4, 1 << 20)])
+def test_pieces_cover_the_chunk_in_order(numel: int, itemsize: int, piece_bytes: int) -> None:
+    parts = ring.pieces(numel, itemsize, piece_bytes)
+    assert parts[0].start == 0 and parts[-1].stop == numel
+    assert all(a.stop == b.start for a, b in itertools.pairwise(parts))
+    assert all((part.stop - part.start) * itemsize <= piece_bytes + itemsize for part in parts)
+    assert all(part.stop > part.start for part in parts) or numel == 0
 
 
 def test_a_world_of_one_needs_no_process_group() -> None:
