@@ -5,8 +5,8 @@ moves twice the bytes a reduce-scatter must (2 ranks on loopback, 50M fp32, one 
 reduce_scatter_tensor 516 ms, all_gather_into_tensor 420 ms, all_reduce 288 ms; these rings
 124 ms and 158 ms). A ring of N ranks takes N-1 steps: at each, rank r sends one chunk to rank
 r+1 and receives one from rank r-1, so every rank sends (N-1)/N of the buffer, what NCCL's
-ring sends. Each chunk travels in pieces of about :data:`PIECE_BYTES`, so that adding one piece
-overlaps receiving the next. With 2 ranks the one step is in flight as soon as it is issued;
+ring sends. Each chunk travels in pieces of at most about :data:`PIECE_BYTES`, so that adding one
+piece overlaps receiving the next. With 2 ranks the one step is in flight as soon as it is issued;
 with more, :meth:`Ring.wait` drives the later steps (each needs the chunk the step before
 received), so every rank must wait its rings in the order it issued them, as it does.
 
@@ -29,9 +29,11 @@ from .pending import Pending
 if TYPE_CHECKING:
     from .comm import Comm
 
-#: Bytes per message; measured on loopback: 1 MiB pieces (8 per 8 MB chunk) cut a 2-rank reduce-scatter
-#: of 4M fp32 from 18.2 to 13.9 ms and of 50M from 181 to 124 ms, against one message per chunk.
-PIECE_BYTES = 1 << 20
+#: Bytes per message. Pieces let the add of one overlap receiving the next where one large buffer is
+#: in flight alone (50M fp32, 2 ranks: 181 ms in one message, 124 ms in 1 MiB pieces); with many
+#: buckets in flight each message's own cost dominates (23 buckets of 4M fp32: reduce-scatter 213 ms
+#: in 1 MiB pieces, 187 ms in 8 MiB; all-gather 162 and 128 ms).
+PIECE_BYTES = 8 << 20
 # Tags of ring messages: bit 30 set, clear of the small tags users give their own send/recv; the low 30
 # bits count the messages of a process group, in issue order, which is the same on every rank.
 _TAG_BIT, _TAG_MASK = 1 << 30, (1 << 30) - 1
