@@ -87,9 +87,6 @@ class Ring(Pending):
         self._next = dist.get_global_rank(comm.group, (rank + 1) % world)
         self._previous = dist.get_global_rank(comm.group, (rank - 1) % world)
         self._first_tag = reserve_tags(comm, (world - 1) * len(self._pieces))  # one per message
-        # A reduce-scatter receives into the shard itself (not a part of ``full``): the last step's sum
-        # ends there, and a piece's next receive is posted only once the piece is added.
-        self._incoming = shard
         self._sends: list[dist.Work] = []
         self._receives: list[dist.Work | None] = [None] * len(self._pieces)
         for piece in range(len(self._pieces)):
@@ -107,7 +104,9 @@ class Ring(Pending):
         part, number, group = self._pieces[piece], self._tag(step, piece), self._comm.group
         if self._reduce:
             send, receive = reduce_scatter_chunks(rank, world, step)
-            outgoing, incoming = self._chunk(send), self._incoming
+            # Received into the shard itself (not a part of ``full``): the last step's sum ends there,
+            # and a piece's next receive is posted only once the piece is added.
+            outgoing, incoming = self._chunk(send), self._shard
         else:
             send, receive = all_gather_chunks(rank, world, step)
             outgoing = self._shard if step == 0 else self._chunk(send)
@@ -125,7 +124,7 @@ class Ring(Pending):
                 for piece, part in enumerate(self._pieces):
                     self._comm.wait(self._receives[piece], self.what)
                     if self._reduce:
-                        received = self._incoming[part]
+                        received = self._shard[part]
                         mine = self._chunk(reduce_scatter_chunks(rank, world, step)[1])[part]
                         if last:  # the chunk received last is this rank's own: the sum ends in the shard
                             torch.add(received, mine, out=self._shard[part])
@@ -139,5 +138,4 @@ class Ring(Pending):
                 self._chunk(rank).copy_(self._shard)
         finally:
             self._full = self._shard = None
-            self._incoming = None
             self._sends, self._receives = [], []
