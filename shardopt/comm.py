@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 
 import torch
@@ -20,7 +20,7 @@ from torch import Tensor
 from . import fingerprint
 from .pending import Pending
 from .phases import CONSTRUCTION, TOGETHER, Phase, PhaseBoard
-from .ring import Ring
+from .ring import PairReduceScatter, PartsPlan, Ring
 
 __all__ = ["Comm", "OnGroup", "Pending", "as_timedelta"]
 
@@ -158,6 +158,17 @@ class Comm:
         if self._rings:
             return Ring(self, full, shard, what, reduce=True)
         return self._issue(dist.reduce_scatter_single(shard, full, group=self.group, async_op=True), what)
+
+    @property
+    def reduces_parts(self) -> bool:
+        """Whether :meth:`reduce_scatter_parts` can be called: gloo between two ranks, where the
+        reduce-scatter only reads each rank's own data (ring.py)."""
+        return self._rings and self.world_size == 2
+
+    def reduce_scatter_parts(self, shard: Tensor, parts: Sequence[Tensor], plan: PartsPlan, what: str) -> Pending:
+        """:meth:`reduce_scatter` of the flat buffer ``plan`` describes, given as its parts (1-D tensors,
+        one per span of ``plan``, read where they lie); only where :attr:`reduces_parts`."""
+        return PairReduceScatter(self, shard, parts, plan, what)
 
     def all_gather(self, full: Tensor, shard: Tensor, what: str) -> Pending:
         """Before: rank r holds ``shard``, its slice r of ``full``. After: every rank holds all of ``full``.

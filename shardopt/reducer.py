@@ -10,6 +10,10 @@ device: a bucket that needs one when all are taken first waits for the oldest re
 flight, which hands its buffer back. So the gradient memory of a step is this rank's shard
 plus a few buckets, not a full copy of the model's gradients, and no bucket pays for a fresh
 allocation every step. In a world of one the gradients are copied straight into the shard.
+Where the reduce-scatter can read the gradients where they lie (gloo between two ranks:
+``Comm.reduces_parts``), the hook keeps each gradient as autograd made it instead of copying
+it, and the reduction reads it from there; at most ``MAX_STAGING`` buckets are in flight,
+the same bound.
 
 ``step()`` launches what backward left (buckets with a parameter that is unused on this
 rank, gradients written into ``.grad`` directly) in the same order, so every rank issues the
@@ -41,6 +45,7 @@ from . import sparse_exchange
 from .buffer import DENSE, NO_GRAD, SPARSE, ShardedBuffer, grad_code
 from .comm import Comm, Pending
 from .layout import Span
+from .ring import PartsPlan, parts_plan
 from .sparse_grads import add_entries, dense_ranges, reduce_ranges
 
 # Staging buffers (each as long as the longest bucket) per dtype and device: two reductions in
@@ -120,6 +125,9 @@ class _Window:
     arrived_count: int = 0
     codes: list[int] = field(init=False)  # per parameter, the kinds absorbed: NO_GRAD, or DENSE | SPARSE bits
     staging: Tensor | None = None  # being filled, not launched yet
+    # Where the reduce-scatter reads the gradients where they lie: per parameter, its flat gradient
+    # (None until it has one); None where gradients are copied into ``staging``.
+    held: list[Tensor | None] | None = None
     views: list[Tensor] = field(default_factory=list)  # of ``staging``, one per parameter
     sparse_grads: dict[int, Tensor] = field(default_factory=dict)  # stage 2: per slot, kept aside whole
     launched: bool = False
@@ -145,6 +153,8 @@ class GradReducer:
         self._mean = grad_reduction == "mean"
         self._buffers: list[ShardedBuffer] = []
         self._windows: list[_Window] = []
+        self._parts = stage == 2 and self._reduce and comm.reduces_parts
+        self._plans: list[PartsPlan | None] = []
         self._next = 0  # position in the launch order of the next buffer to launch
         self._pool = StagingPool()
         self._in_flight: deque[_Round] = deque()
@@ -158,7 +168,8 @@ class GradReducer:
 
     def add(self, buffer: ShardedBuffer) -> None:
         self._buffers.append(buffer)
-        self._windows.append(_Window(len(buffer.params)))
+        self._windows.append(self._window(buffer))
+        self._plans.append(None)
         self._sparse.append(set())
         self._dense_ranges.append(None)
         if self._stage == 2:
@@ -173,6 +184,22 @@ class GradReducer:
             ]
             # Hooks outlive an optimizer that is dropped; they must not launch collectives for it.
             weakref.finalize(self, _remove_all, handles)
+
+    def _window(self, buffer: ShardedBuffer) -> _Window:
+        window = _Window(len(buffer.params))
+        if self._parts:
+            window.held = [None] * window.size
+        return window
+
+    def _plan(self, index: int) -> PartsPlan:
+        """Buffer ``index``'s messages in :meth:`Comm.reduce_scatter_parts`, made once."""
+        if self._plans[index] is None:
+            buffer = self._buffers[index]
+            spans = [slot.span for slot in buffer.layout.slots]
+            self._plans[index] = parts_plan(
+                spans, buffer.layout.numel, self._comm.world_size, buffer.grad_dtype.itemsize
+            )
+        return self._plans[index]
 
     @property
     def staging_bytes(self) -> int:
@@ -225,26 +252,33 @@ class GradReducer:
         return pool.take(buffer.layout.numel, key)
 
     def _absorb(self, index: int, slot: int) -> None:
-        """Move parameter ``slot``'s ``.grad`` into the staging buffer: copied the first time this
-        round, added after that (a second backward before the launch), zeros if it has none or a
-        sparse one (kept aside whole, for :meth:`add_sparse`)."""
-        window = self._windows[index]
-        if window.staging is None:
-            self._staging(index)
-        param = self._buffers[index].params[slot]
-        grad, span, first = param.grad, window.views[slot], not window.arrived[slot]
+        """Take parameter ``slot``'s ``.grad`` into this round: kept as it is (``held``) or copied into
+        the staging buffer the first time, added after that (a second backward before the launch);
+        zeros if it has none or a sparse one (kept aside whole, for :meth:`add_sparse`)."""
+        window, buffer = self._windows[index], self._buffers[index]
+        param = buffer.params[slot]
+        grad, first = param.grad, not window.arrived[slot]
         code = grad_code(grad)
-        if code == DENSE:
-            if first:
-                span.copy_(grad)
-            else:
-                span.add_(grad)
+        if window.held is not None:
+            if code == DENSE:
+                # A view where autograd made it contiguous in the reduced dtype; never written in place
+                # (it may be a tensor the caller set as .grad and still holds).
+                flat, kept = grad.reshape(-1).to(buffer.grad_dtype), window.held[slot]
+                window.held[slot] = flat if first or kept is None else kept + flat
         else:
-            if first:
+            if window.staging is None:
+                self._staging(index)
+            span = window.views[slot]
+            if code == DENSE:
+                if first:
+                    span.copy_(grad)
+                else:
+                    span.add_(grad)
+            elif first:
                 span.zero_()
-            if code == SPARSE:
-                kept = window.sparse_grads.get(slot)
-                window.sparse_grads[slot] = grad if kept is None else kept + grad
+        if code == SPARSE:
+            kept = window.sparse_grads.get(slot)
+            window.sparse_grads[slot] = grad if kept is None else kept + grad
         window.codes[slot] |= code
         param.grad = None
 
@@ -283,10 +317,17 @@ class GradReducer:
         for slot in range(window.size):
             if not window.arrived[slot]:
                 self._absorb(index, slot)
-        staging, window.staging = self._staging(index), None
-        window.arrived = [False] * window.size  # a second round starts from an empty staging buffer
+        window.arrived = [False] * window.size  # a second round starts from no gradient
         grad_shard = self._grad_shard(buffer)
         accumulate = window.launched
+        if window.held is not None:
+            held, window.held = window.held, [None] * window.size
+            if self._dense_ranges[index] is None:
+                window.launched = True
+                self._launch_parts(index, held, torch.empty_like(grad_shard) if accumulate else grad_shard, accumulate)
+                return
+            self._stage_held(index, held)  # the ranges' all-reduce wants one flat buffer
+        staging, window.staging = self._staging(index), None
         window.launched = True
         if staging is grad_shard:
             window.rounds.append(_Round(buffer, None, None, grad_shard, accumulate=False))
@@ -302,6 +343,31 @@ class GradReducer:
         round_ = _Round(buffer, pending, staging, into, accumulate)
         window.rounds.append(round_)
         self._in_flight.append(round_)
+
+    def _launch_parts(self, index: int, held: list[Tensor | None], into: Tensor, accumulate: bool) -> None:
+        """Issue buffer ``index``'s reduce-scatter from the gradients ``held`` where they lie (zeros for
+        a parameter without one), once fewer than ``MAX_STAGING`` reductions are in flight."""
+        buffer = self._buffers[index]
+        parts = [
+            torch.zeros(slot.span.size, dtype=buffer.grad_dtype, device=buffer.flat.device) if grad is None else grad
+            for slot, grad in zip(buffer.layout.slots, held)
+        ]
+        while len(self._in_flight) >= MAX_STAGING:
+            self._finish(self._in_flight.popleft())
+        pending = self._comm.reduce_scatter_parts(into, parts, self._plan(index), "the gradient reduce-scatter")
+        round_ = _Round(buffer, pending, None, into, accumulate)
+        self._windows[index].rounds.append(round_)
+        self._in_flight.append(round_)
+
+    def _stage_held(self, index: int, held: list[Tensor | None]) -> None:
+        """Copy the gradients ``held`` for buffer ``index`` into its staging buffer (zeros where none)."""
+        window = self._windows[index]
+        self._staging(index)
+        for view, grad in zip(window.views, held):
+            if grad is None:
+                view.zero_()
+            else:
+                view.view(-1).copy_(grad)
 
     def _all_reduce(self, index: int, tensor: Tensor, then: Callable[[], object] | None = None) -> Pending:
         """Issue the all-reduce of buffer ``index``'s gradient ``tensor``: of all of it, or, where the
@@ -422,7 +488,7 @@ class GradReducer:
                 self._finish(round_)
             if window.staging is not None and window.staging is not buffer.grad_shard:
                 self._pool.give(window.staging)
-        self._windows = [_Window(len(buffer.params)) for buffer in self._buffers]
+        self._windows = [self._window(buffer) for buffer in self._buffers]
         self._next = 0
 
 

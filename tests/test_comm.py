@@ -9,6 +9,7 @@ import torch
 
 from shardopt import ring
 from shardopt.comm import Comm
+from shardopt.layout import Span
 from tests.world import run_world
 
 
@@ -106,3 +107,78 @@ def test_a_world_of_one_needs_no_process_group() -> None:
     full, shard = torch.arange(4.0), torch.empty(4)
     comm.reduce_scatter(shard, full, "x").wait()
     assert torch.equal(shard, full)
+
+
+PAIR_SPANS = [
+    [(0, 10)],  # one part, no gap
+    [(0, 3), (4, 9), (12, 13)],  # gaps between parts and padding at the end
+    [(2, 7), (7, 8), (8, 20)],  # a gap before the first part; one part crosses the chunk boundary
+]
+
+
+def _spans(bounds: list[tuple[int, int]]) -> list[Span]:
+    return [Span(start, end) for start, end in bounds]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("bounds", PAIR_SPANS, ids=["one", "gaps", "crossing"])
+@pytest.mark.parametrize("piece_bytes", [8, 1 << 20], ids=["pieces-of-2", "whole"])
+def test_a_parts_plan_carries_every_covered_element_of_each_chunk_once(
+    bounds: list[tuple[int, int]], piece_bytes: int, world_size: int
+) -> None:
+    spans = _spans(bounds)
+    numel = world_size * -(-max(end for _, end in bounds) // world_size)
+    plan = ring.parts_plan(spans, numel, world_size, 4, piece_bytes)
+    chunk = numel // world_size
+    assert len(plan.messages) == len(plan.uncovered) == world_size
+    for index in range(world_size):
+        carried = []  # (where in the chunk, which flat element) per element a message carries
+        for message in plan.messages[index]:
+            span = spans[message.part]
+            assert 0 < message.size and message.size * 4 <= max(piece_bytes, 4)
+            assert message.start + message.size <= span.size, "a message stays inside its part"
+            flat = span.start + message.start
+            carried += [(message.at + i, flat + i) for i in range(message.size)]
+        assert all(at + index * chunk == flat for at, flat in carried), "an element lands where it lies"
+        covered = {at for at, _ in carried}
+        assert len(covered) == len(carried), "no element travels twice"
+        gaps = {at for gap in plan.uncovered[index] for at in range(gap.start, gap.stop)}
+        assert covered | gaps == set(range(chunk)) and not covered & gaps
+        in_spans = {e - index * chunk for span in spans for e in range(span.start, span.end)}
+        assert covered == in_spans & set(range(chunk))
+
+
+def pair_reduce_scatters(bounds: list[tuple[int, int]], piece_bytes: int) -> dict[str, list[torch.Tensor]]:
+    """Three reduce-scatters of parts in flight at once; each shard starts as NaN (the gaps must end as zeros)."""
+    comm = Comm(None, timeout=60)
+    spans, numel = _spans(bounds), 2 * -(-max(end for _, end in bounds) // 2)
+    plan = ring.parts_plan(spans, numel, 2, 4, piece_bytes)
+    generator = torch.Generator().manual_seed(comm.rank)
+    parts = [[torch.randn(span.size, generator=generator) for span in spans] for _ in range(3)]
+    before = [[part.clone() for part in each] for each in parts]
+    shards = [torch.full((numel // 2,), float("nan")) for _ in parts]
+    pending = [comm.reduce_scatter_parts(shard, each, plan, "test") for shard, each in zip(shards, parts)]
+    for each in pending:
+        each.wait()
+    for each, kept in zip(parts, before):
+        assert all(torch.equal(part, old) for part, old in zip(each, kept)), "the parts are only read"
+    fulls = []
+    for each in parts:
+        full = torch.zeros(numel)
+        for span, part in zip(spans, each):
+            full[span.start : span.end] = part
+        fulls.append(full)
+    return {"fulls": fulls, "shards": shards}
+
+
+@pytest.mark.parametrize("bounds", PAIR_SPANS, ids=["one", "gaps", "crossing"])
+@pytest.mark.parametrize("piece_bytes", [8, 1 << 20], ids=["pieces-of-2", "whole"])
+def test_a_reduce_scatter_of_parts_sums_each_chunk_and_zeros_its_gaps(
+    bounds: list[tuple[int, int]], piece_bytes: int
+) -> None:
+    per_rank = run_world(pair_reduce_scatters, 2, bounds, piece_bytes)
+    for which in range(3):
+        total = per_rank[0]["fulls"][which] + per_rank[1]["fulls"][which]
+        for rank, result in enumerate(per_rank):
+            chunk = total.numel() // 2
+            torch.testing.assert_close(result["shards"][which], total[rank * chunk : (rank + 1) * chunk])

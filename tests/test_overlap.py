@@ -98,12 +98,14 @@ def staging_run(stage: int) -> list[dict[str, int]]:
     return [dict(s, largest_bucket=max(b.flat.numel() * 4 for b in optimizer._buffers)) for s in stats]
 
 
-@pytest.mark.parametrize(("world_size", "stage"), [(1, 2), (2, 2), (2, 1)])
+@pytest.mark.parametrize(("world_size", "stage"), [(1, 2), (2, 2), (3, 2), (2, 1)])
 def test_stage2_gradients_pass_through_a_few_reused_staging_buffers(world_size: int, stage: int) -> None:
     for stats in run_world(staging_run, world_size, stage):
         staging = [s["staging_bytes"] for s in stats]
-        if world_size == 1 or stage == 1:
-            assert staging == [0, 0, 0]  # a world of one copies into the shard; stage 1 reduces in place
+        if world_size <= 2 or stage == 1:
+            # A world of one copies into the shard; two gloo ranks read the gradients where autograd
+            # left them; stage 1 reduces in place.
+            assert staging == [0, 0, 0]
         else:
             assert staging[0] == staging[-1] > 0  # reused: no growth after the first step
             assert staging[0] <= MAX_STAGING * stats[0]["largest_bucket"]
