@@ -118,7 +118,7 @@ def parts_plan(
     for index in range(world_size):
         window_start = covered = index * chunk
         window = Span(window_start, window_start + chunk)
-        carried, gaps = [], []
+        found, gaps = [], []
         for part, span in enumerate(spans):
             inside = span.intersect(window)
             if inside is None:
@@ -127,11 +127,11 @@ def parts_plan(
                 gaps.append(slice(covered - window_start, inside.start - window_start))
             for piece in pieces(inside.size, itemsize, piece_bytes):
                 start, size = inside.start + piece.start, piece.stop - piece.start
-                carried.append(Message(part, start - span.start, start - window_start, size))
+                found.append(Message(part, start - span.start, start - window_start, size))
             covered = inside.end
         if covered < window.end:
             gaps.append(slice(covered - window_start, chunk))
-        messages.append(tuple(carried))
+        messages.append(tuple(found))
         uncovered.append(tuple(gaps))
     return PartsPlan(numel, tuple(spans), tuple(messages), tuple(uncovered))
 
@@ -149,7 +149,7 @@ class PairReduceScatter(Pending):
         first = reserve_tags(comm, len(plan.messages[0]) + len(plan.messages[1]))
         numbers = (first, first + len(plan.messages[0]))  # the first tag of each chunk's messages
         self._sends = [
-            dist.isend(_window(parts, message), peer, group=group, tag=tag(numbers[1 - rank] + number))
+            dist.isend(_carried(parts, message), peer, group=group, tag=tag(numbers[1 - rank] + number))
             for number, message in enumerate(plan.messages[1 - rank])
         ]
         self._receives = [
@@ -164,7 +164,7 @@ class PairReduceScatter(Pending):
         try:
             for message, receive in zip(self._plan.messages[rank], self._receives):
                 self._comm.wait(receive, self.what)
-                _landing(shard, message).add_(_window(parts, message))
+                _landing(shard, message).add_(_carried(parts, message))
             for gap in self._plan.uncovered[rank]:
                 shard[gap].zero_()
             for send in self._sends:
@@ -174,8 +174,8 @@ class PairReduceScatter(Pending):
             self._sends, self._receives = [], []
 
 
-def _window(parts: Sequence[Tensor], message: Message) -> Tensor:
-    """What ``message`` carries, in the sender's part."""
+def _carried(parts: Sequence[Tensor], message: Message) -> Tensor:
+    """What ``message`` carries, in the sender's parts."""
     return parts[message.part][message.start : message.start + message.size]
 
 
