@@ -167,7 +167,7 @@ class Comm:
 
     def reduce_scatter_parts(self, shard: Tensor, parts: Sequence[Tensor], plan: PartsPlan, what: str) -> Pending:
         """:meth:`reduce_scatter` of the flat buffer ``plan`` describes, given as its parts (1-D tensors,
-        one per span of ``plan``, read where they lie); only where :attr:`reduces_parts`."""
+        one per span the plan was made of, read where they lie); only where :attr:`reduces_parts`."""
         return PairReduceScatter(self, shard, parts, plan, what)
 
     def all_gather(self, full: Tensor, shard: Tensor, what: str) -> Pending:

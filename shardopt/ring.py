@@ -101,8 +101,6 @@ class PartsPlan:
     holds part ``i`` (zeros elsewhere), among ``len(messages)`` ranks: per chunk, the messages that
     carry it and the ranges of it no part covers (slices of the chunk)."""
 
-    numel: int
-    spans: tuple[Span, ...]
     messages: tuple[tuple[Message, ...], ...]
     uncovered: tuple[tuple[slice, ...], ...]
 
@@ -133,12 +131,12 @@ def parts_plan(
             gaps.append(slice(covered - window_start, chunk))
         messages.append(tuple(found))
         uncovered.append(tuple(gaps))
-    return PartsPlan(numel, tuple(spans), tuple(messages), tuple(uncovered))
+    return PartsPlan(tuple(messages), tuple(uncovered))
 
 
 class PairReduceScatter(Pending):
     """The reduce-scatter, between the two ranks of ``comm``'s group, of the buffer ``plan`` describes,
-    each rank's part ``i`` of it in ``parts[i]`` (1-D, of ``plan.spans[i].size`` elements); ``wait()``
+    each rank's part ``i`` of it in ``parts[i]`` (1-D, as long as the plan's span ``i``); ``wait()``
     leaves the sum of this rank's chunk in ``shard``. ``parts`` are read, never written."""
 
     def __init__(self, comm: Comm, shard: Tensor, parts: Sequence[Tensor], plan: PartsPlan, what: str) -> None:
