@@ -570,17 +570,17 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         number like ``"state"``): torch.optim ignores that key, ``load_state_dict`` restores them.
         """
         self._gathers.wait_all()
-        self._comm.enter("state_dict()")
-        self._comm.agree()  # a rank one step() ahead would pair that step's collectives with these
         states: dict[Tensor, state_format.StateEntry] = {}
         masters: dict[Tensor, Tensor] = {}
-        for buffer in self._buffers:
-            entries = state_format.gather_buffer_state(buffer, self._comm, self._scalar_dtype)
-            for slot, entry in entries.items():
-                states[buffer.params[slot]] = entry
-            if buffer.master is not None:
-                for slot, master in state_format.gather_master(buffer, self._comm).items():
-                    masters[buffer.params[slot]] = master
+        # Agreed first: a rank one step() ahead would pair that step's collectives with these.
+        with self._comm.call("state_dict()", agree=True):
+            for buffer in self._buffers:
+                entries = state_format.gather_buffer_state(buffer, self._comm, self._scalar_dtype)
+                for slot, entry in entries.items():
+                    states[buffer.params[slot]] = entry
+                if buffer.master is not None:
+                    for slot, master in state_format.gather_master(buffer, self._comm).items():
+                        masters[buffer.params[slot]] = master
         if self._algorithm.eager_state:
             for g, _, param in self._unsharded:
                 states[param] = state_format.initial_entry(
@@ -597,8 +597,11 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         the model first, or call :meth:`refresh_master_weights` after loading it).
         """
         self._gathers.wait_all()
-        self._comm.enter("load_state_dict()")
-        self._comm.agree()
+        with self._comm.call("load_state_dict()", agree=True):
+            self._load_state_dict(state_dict)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """load_state_dict's checks, then the new state put in place; inside its call."""
         new_groups, states, masters = state_format.unpack(state_dict, self.param_groups, self.defaults)
         states = {param: sparse_grads.densified(entry) for param, entry in states.items()}
         for g, group in enumerate(new_groups):

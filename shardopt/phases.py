@@ -195,8 +195,9 @@ class PhaseBoard:
     def gather(self, mine: Phase, timeout: timedelta, failure: Callable[[str], Exception]) -> None:
         """Wait until every rank has entered the call this rank is in (``mine``, posted already).
 
-        DesyncError as soon as a rank is found in another call, or in this one after another number
-        of steps; ``failure(story)`` where some rank has not come within ``timeout``.
+        DesyncError where a rank is found in another call, or in this one after another number of
+        steps, once every other rank has come (or ``timeout`` passed), so that the error says where
+        each one is; ``failure(story)`` where some rank has not come within ``timeout``.
         """
         if self._store is None:
             return
@@ -206,7 +207,7 @@ class PhaseBoard:
             pause = FIRST_PAUSE
             while True:
                 survey = self._read(mine)
-                if survey.astray or not survey.behind or time.monotonic() > deadline:
+                if not survey.behind or time.monotonic() > deadline:
                     return survey
                 time.sleep(pause)
                 pause = min(2 * pause, LONGEST_PAUSE)

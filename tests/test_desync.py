@@ -16,6 +16,7 @@ from shardopt import checkpoint
 from shardopt.fingerprint import DesyncError, check, stable_hash
 from shardopt.phases import ranks_text
 from tests.common import assert_identical, flat_params, loss_of, make_model
+from tests.test_clipping import split
 from tests.test_sparse import loss_of as sparse_loss_of
 from tests.test_sparse import make_embedding
 from tests.world import run_world
@@ -348,3 +349,48 @@ def test_a_rank_that_skips_the_clip_or_the_unscale_is_named_with_the_call_on_eve
             assert f"did not complete (the timeout is {MISMATCH_TIMEOUT} s)" in message, where
             assert f"({call if rank == 0 else 'step() call 1'}) on rank {rank} of 2" in message, where
             assert f"rank 0 is in {call} while rank 1 is in step() call 1" in message, where
+
+
+# ---------------------------------------------------------------------- calls left behind
+
+
+def calls_left(directory: pathlib.Path) -> list[tuple[str, list[tuple[str, bool]]]]:
+    """Each collective call, made to return or to raise, and then, for each optimizer it was made
+    on, the last call that optimizer entered and whether it still counts itself inside it (a
+    later collective's error would say "(state_dict())" where "(after state_dict())" is true)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    model = make_model()
+    matrices, rest = split(model)
+    both = [shardopt.Muon(matrices, lr=0.02), shardopt.AdamW(rest, lr=1e-2)]
+    sharded = both[1]
+    good = sharded.state_dict()
+    calls: list[tuple[str, list[Any], Callable[[], Any]]] = [
+        ("step()", both, lambda: [o.step() for o in both]),
+        ("state_dict()", [sharded], sharded.state_dict),
+        ("load_state_dict()", [sharded], lambda: sharded.load_state_dict(good)),
+        ("load_state_dict()", [sharded], lambda: sharded.load_state_dict({**good, "param_groups": []})),
+        ("checkpoint.save", both, lambda: checkpoint.save(directory / "c", model=model, optimizer=both)),
+        ("checkpoint.load", both, lambda: checkpoint.load(directory / "c", model=model, optimizer=both)),
+        # Refused: the checkpoint holds two optimizers.
+        ("checkpoint.load", [sharded], lambda: checkpoint.load(directory / "c", model=model, optimizer=sharded)),
+    ]
+    seen = []
+    for call, optimizers, make in calls:
+        for o in both:
+            o.zero_grad()
+        loss_of(model, rank, 0).backward()
+        try:
+            make()
+        except (ValueError, checkpoint.CheckpointError):
+            pass
+        seen.append((call, [(str(o._comm.phase), o._comm.inside) for o in optimizers]))
+    return seen
+
+
+def test_every_collective_call_is_left_when_it_returns_or_raises(tmp_path: pathlib.Path) -> None:
+    for rank, seen in enumerate(run_world(calls_left, 2, tmp_path)):
+        for position, (call, phases) in enumerate(seen):
+            label = (rank, position, call, phases)
+            assert all(phase.startswith(call) and not inside for phase, inside in phases), label

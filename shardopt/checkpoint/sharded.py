@@ -17,13 +17,14 @@ business (part.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import secrets
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,28 +109,30 @@ def save(
     """
     path = pathlib.Path(os.fspath(path))
     optimizers, schedulers = listed(optimizer, scheduler)
-    comm, parts = _settle(optimizers, "checkpoint.save")
-    for part in parts:
-        part.exchange()
-    job, error = None, None
-    try:
-        job = _prepare_save(path, model, parts, schedulers, extra, comm)
-    except Exception as caught:
-        error = caught
-    agree(comm, error, f"saving {path}")
-    staging = partial_path(path, _agree_token(comm))
-    if not async_save:
-        _write(job, staging, path, comm)
-        return None
-    writer = _writer_of(optimizers[0])
-    return writer.executor.submit(_write, job.snapshot(), staging, path, writer.comm)
+    with _settled(optimizers, "checkpoint.save") as (comm, parts):
+        for part in parts:
+            part.exchange()
+        job, error = None, None
+        try:
+            job = _prepare_save(path, model, parts, schedulers, extra, comm)
+        except Exception as caught:
+            error = caught
+        agree(comm, error, f"saving {path}")
+        staging = partial_path(path, _agree_token(comm))
+        if not async_save:
+            _write(job, staging, path, comm)
+            return None
+        writer = _writer_of(optimizers[0])
+        return writer.executor.submit(_write, job.snapshot(), staging, path, writer.comm)
 
 
-def _settle(optimizers: list[Any], call: str) -> tuple[Comm, list[Part]]:
-    """What a save or load (``call``) starts with: optimizers this format describes, on one process
-    group, their earlier background saves finished (saves and loads keep their order), their
-    parameter gathers done, and every rank found in this call after as many step() calls; the
-    group's Comm, and each optimizer's Part."""
+@contextlib.contextmanager
+def _settled(optimizers: list[Any], call: str) -> Iterator[tuple[Comm, list[Part]]]:
+    """The block holds a save or load (``call``): it starts with optimizers this format describes,
+    on one process group, their earlier background saves finished (saves and loads keep their
+    order), their parameter gathers done, and every rank found in this call after as many step()
+    calls; it gets the group's Comm and each optimizer's Part, and each optimizer leaves the call
+    with it, whether it returns or raises."""
     parts = []
     for position, optimizer in enumerate(optimizers):
         kind = next((kind for kind in PARTS if isinstance(optimizer, kind.serves)), None)
@@ -149,12 +152,13 @@ def _settle(optimizers: list[Any], call: str) -> tuple[Comm, list[Part]]:
                 f"{optimizer._comm.rank} of {optimizer._comm.world_size} vs {comm.rank} of {comm.world_size}); "
                 "the optimizers of one checkpoint must share their process group"
             )
-        _wait_for_pending(optimizer)
-        if isinstance(optimizer, ShardedOptimizer):
-            optimizer.finish_param_gather()
-        optimizer._comm.enter(call)
-        optimizer._comm.agree()
-    return comm, parts
+    with contextlib.ExitStack() as calls:
+        for optimizer in optimizers:
+            _wait_for_pending(optimizer)
+            if isinstance(optimizer, ShardedOptimizer):
+                optimizer.finish_param_gather()
+            calls.enter_context(optimizer._comm.call(call, agree=True))
+        yield comm, parts
 
 
 def _prepare_save(
@@ -182,6 +186,18 @@ def _prepare_save(
     return _SaveJob(entries, json.dumps(manifest, indent=1))
 
 
+def _dcp(comm: Comm, what: str, call: Callable[..., Any], entries: dict[str, Any], **io: Any) -> None:
+    """Collective: DCP's ``save`` or ``load`` (``call``) of ``entries`` with storage and planner
+    ``io`` on ``comm``'s group; where it failed on any rank, every rank raises CheckpointError
+    saying it failed at ``what``."""
+    error = None
+    try:
+        call(entries, process_group=comm.group, no_dist=comm.group is None, **io)
+    except DCP_ERRORS as caught:
+        error = caught
+    agree(comm, error, what)
+
+
 def _agree_token(comm: Comm) -> int:
     """A random name for this save's staging directory, drawn by rank 0 and told to every rank."""
     token = torch.tensor([secrets.randbits(62)], dtype=torch.int64, device=comm.device)
@@ -190,18 +206,9 @@ def _agree_token(comm: Comm) -> int:
 
 
 def _write(job: _SaveJob, staging: pathlib.Path, path: pathlib.Path, comm: Comm) -> None:
+    io = {"storage_writer": dcp.FileSystemWriter(staging), "planner": SavePlanner()}
+    _dcp(comm, f"writing {staging}", dcp.save, job.entries, **io)
     error = None
-    try:
-        dcp.save(
-            job.entries,
-            storage_writer=dcp.FileSystemWriter(staging),
-            planner=SavePlanner(),
-            process_group=comm.group,
-            no_dist=comm.group is None,
-        )
-    except DCP_ERRORS as caught:
-        error = caught
-    agree(comm, error, f"writing {staging}")
     if comm.rank == 0:
         try:
             write_file(staging / MANIFEST, job.manifest)
@@ -278,26 +285,17 @@ def load(
     """
     path = pathlib.Path(os.fspath(path))
     optimizers, schedulers = listed(optimizer, scheduler)
-    comm, parts = _settle(optimizers, "checkpoint.load")
-    restore, error = None, None
-    try:
-        restore = _prepare_load(path, model, parts, schedulers)
-    except Exception as caught:
-        error = caught
-    agree(comm, error, f"loading {path}")
-    try:
-        dcp.load(
-            restore.staging.entries,
-            storage_reader=restore.reader,
-            planner=LoadPlanner(),
-            process_group=comm.group,
-            no_dist=comm.group is None,
-        )
-    except DCP_ERRORS as caught:
-        error = caught
-    agree(comm, error, f"reading {path}")
-    _check_same_checkpoint(restore, comm, path)
-    return _install(restore, model, parts, schedulers)
+    with _settled(optimizers, "checkpoint.load") as (comm, parts):
+        restore, error = None, None
+        try:
+            restore = _prepare_load(path, model, parts, schedulers)
+        except Exception as caught:
+            error = caught
+        agree(comm, error, f"loading {path}")
+        io = {"storage_reader": restore.reader, "planner": LoadPlanner()}
+        _dcp(comm, f"reading {path}", dcp.load, restore.staging.entries, **io)
+        _check_same_checkpoint(restore, comm, path)
+        return _install(restore, model, parts, schedulers)
 
 
 def _check_same_checkpoint(restore: _Restore, comm: Comm, path: pathlib.Path) -> None:
