@@ -55,7 +55,7 @@ def compiled(
     fresh: bool,
 ) -> None:
     coefficients = algorithm.coefficients(scalars, group, fresh)
-    assert kernels.run_compiled(algorithm, param, grad, state, coefficients, group), "compiling failed"
+    assert kernels.run_compiled(algorithm, Slices([param], [grad], [state]), coefficients, group), "compiling failed"
 
 
 def one_slice(fused: bool | None) -> Update:
@@ -307,13 +307,13 @@ def test_empty_slice_still_advances_the_scalars(cls: type[torch.optim.Optimizer]
         assert torch.equal(run.scalars[0][name], value), name
 
 
-@pytest.mark.parametrize("fused", [False, None])
+@pytest.mark.parametrize("fused", [False, None, True])
 @pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.NAdam])
 def test_slices_sharing_scalars_update_in_one_call_as_one_call_each(
     cls: type[torch.optim.Optimizer], fused: bool | None
 ) -> None:
-    """kernels.update over several slices (one native kernel call, as step() batches buckets) equals
-    updating each slice on its own from the same scalars."""
+    """kernels.update over several slices (one native or compiled kernel call, as step() batches
+    buckets) equals updating each slice on its own from the same scalars."""
     algorithm, group = ALGORITHMS[cls], make_group(cls, {"weight_decay": 0.1})
     generator = torch.Generator().manual_seed(3)
     sizes = (389, 611, 0)
@@ -330,3 +330,47 @@ def test_slices_sharing_scalars_update_in_one_call_as_one_call_each(
         assert torch.equal(batched, param)
         for name, tensor in state.items():
             assert torch.equal(batched_state[name], tensor), name
+
+
+@pytest.mark.parametrize("count", range(20))
+def test_batches_take_the_largest_power_of_two_that_fits(count: int) -> None:
+    runs = kernels.batches(list(range(count)))
+    assert [item for run in runs for item in run] == list(range(count))
+    sizes = [len(run) for run in runs]
+    assert sizes == sorted(sizes, reverse=True) and all(size in (1, 2, 4, kernels.BATCH) for size in sizes), sizes
+    # Below BATCH, one run per binary digit of what is left: at most one of each size.
+    rest = sizes[sizes.count(kernels.BATCH) :]
+    assert len(rest) == len(set(rest)) and sum(rest) == count % kernels.BATCH, sizes
+
+
+def test_slices_compile_together_where_they_hold_enough_elements_in_all(paths: list[str]) -> None:
+    """fused=None compiles slices each below COMPILE_THRESHOLD when together they reach it (at N
+    ranks a bucket's shard is 1/N of it), in one call; new lengths of the same number of slices,
+    equal or not, reuse its graph."""
+    algorithm, group = ALGORITHMS[torch.optim.Rprop], make_group(torch.optim.Rprop, {})
+    half = kernels.COMPILE_THRESHOLD // 2
+    generator = torch.Generator().manual_seed(5)
+    before = graphs_compiled()
+    for sizes in [(half, half), (half + 5, half - 3)]:
+        params = [torch.randn(n, generator=generator) for n in sizes]
+        grads = [torch.randn(n, generator=generator) for n in sizes]
+        states = [
+            {name: torch.full((n,), algorithm.initial_value(name, group)) for name in algorithm.tensor_state(group)}
+            for n in sizes
+        ]
+        references = [(p.clone(), {k: v.clone() for k, v in state.items()}) for p, state in zip(params, states)]
+        scalars = {name: torch.tensor(value) for name, value in algorithm.scalar_state(group).items()}
+        kernels.update(algorithm, Slices(params, grads, states), scalars, group, True, None)
+        for (param, state), grad, ours in zip(references, grads, params):
+            eager(
+                algorithm,
+                param,
+                grad,
+                state,
+                {name: torch.tensor(value) for name, value in algorithm.scalar_state(group).items()},
+                group,
+                True,
+            )
+            torch.testing.assert_close(ours, param, rtol=RTOL, atol=ATOL)
+    assert paths == ["compiled", "compiled"]
+    assert graphs_compiled() - before <= 1, "new slice lengths recompiled"
