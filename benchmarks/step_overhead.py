@@ -21,7 +21,8 @@ import time
 import torch
 
 import shardopt
-from benchmarks.step_throughput import median_seconds
+from benchmarks.report import markdown, publish
+from benchmarks.timing import median_seconds
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 COUNTS = (100, 1_000, 5_000, 20_000)
@@ -103,13 +104,7 @@ def main() -> None:
         f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
         f"median of {args.repeats}."
     )
-    lines = [header, "", "| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
-    for row in rows:
-        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
-    table = "\n".join(lines)
-    print(table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "step_overhead.md").write_text(table + "\n")
+    publish(markdown(header, rows, digits=3), RESULTS / "step_overhead.md")
 
 
 if __name__ == "__main__":

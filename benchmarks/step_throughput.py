@@ -15,7 +15,7 @@ For every sharded algorithm, on one process and the same total parameters:
   bandwidth measured in the same run.
 Every contender of a row is timed in turns (medians); the ratios the targets are about (speed-up
 against torch's fastest, percent of the roofline, N=2/N=1) come from rounds of their own pairs,
-best of ``--repeats``, as STREAM reports its best time (see :func:`best_seconds`).
+best of ``--repeats``, as STREAM reports its best time (see :func:`benchmarks.timing.best_seconds`).
 Prints a Markdown table and writes it, with a PNG chart, under benchmarks/results/.
 """
 
@@ -26,123 +26,21 @@ import os
 import pathlib
 import platform
 import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 import shardopt
+from benchmarks import roofline
+from benchmarks.report import markdown, publish
+from benchmarks.timing import best_seconds, interleaved_medians
+from benchmarks.updates import KEYWORDS, make_params, shardopt_steps, time_update, torch_step
 from shardopt import kernels
 from shardopt.algorithms import ALGORITHMS
 from tests.world import run_world
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-KEYWORDS: dict[str, dict[str, Any]] = {"SGD": {"momentum": 0.9}}  # SGD without momentum has no state
 NATIVE_FUSED = ("Adam", "AdamW", "SGD", "Adagrad")
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    return interleaved_medians([fn], repeats, warmup)[0]
-
-
-def interleaved_seconds(fns: list[Callable[[], Any]], repeats: int, warmup: int = 2) -> list[list[float]]:
-    """Seconds of each run of each function, timed in turns: each round runs every function once,
-    so a change in the machine's load (other processes, frequency) falls on all of them alike."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, seconds in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            seconds.append(time.perf_counter() - start)
-    return times
-
-
-def interleaved_medians(fns: list[Callable[[], Any]], repeats: int, warmup: int = 2) -> list[float]:
-    """Median seconds of each function, timed in turns."""
-    return [statistics.median(seconds) for seconds in interleaved_seconds(fns, repeats, warmup)]
-
-
-def best_seconds(fns: list[Callable[[], Any]], repeats: int, warmup: int = 2) -> list[float]:
-    """Best (shortest) seconds of each function, timed in turns.
-
-    For the ratios of memory-bound kernels, as STREAM reports its best time: on this VM the noise
-    only ever adds time, and how much depends on what ran just before (a 39 ms update took 37 ms
-    after 500 ms of busy cores, 50-110 ms after 300 ms idle, and 44-74 ms right after one of
-    torch's slow for-loop steps), so each ratio is timed in rounds of its own pair only, and the
-    best run of each is the one the machine disturbed least."""
-    return [min(seconds) for seconds in interleaved_seconds(fns, repeats, warmup)]
-
-
-class Stream:
-    """STREAM-style probes over ``numel`` fp32 elements, in place, for bytes per second.
-
-    An optimizer writes every tensor it reads in place, so the probes do too: an
-    out-of-place triad also pays for write-allocate traffic that it does not count,
-    and would understate the bandwidth an in-place update can reach. The best probe wins.
-    """
-
-    def __init__(self, numel: int) -> None:
-        self.numel = numel
-        self.a, self.b, self.c = (torch.rand(numel) for _ in range(3))
-
-    def probes(self) -> list[tuple[int, Callable[[], Any]]]:
-        """(bytes moved, function) of each probe."""
-        a, b, c = self.a, self.b, self.c
-        return [
-            (3 * 4 * self.numel, lambda: a.add_(b, alpha=0.5)),
-            (4 * 4 * self.numel, lambda: a.addcmul_(b, c, value=0.5)),
-        ]
-
-
-def bytes_per_element(optimizer: torch.optim.Optimizer) -> int:
-    """What one update must move per parameter element: read param, grad and every
-    element-wise state tensor; write param and state back."""
-    state = next(iter(optimizer.state_dict()["state"].values()), {})
-    tensors = sum(1 for value in state.values() if value.dim() > 0)
-    return 4 * (2 + 1 + 2 * tensors)
-
-
-def make_params(numel: int, tensors: int) -> list[torch.nn.Parameter]:
-    size = numel // tensors
-    return [torch.nn.Parameter(torch.randn(size)) for _ in range(tensors)]
-
-
-def torch_step(torch_class: type, numel: int, tensors: int, impl: str) -> Callable[[], Any]:
-    """The step of a torch.optim ``impl`` ("forloop", "foreach", "fused") over fresh parameters."""
-    params = make_params(numel, tensors)
-    options = {"foreach": impl == "foreach"} if impl != "fused" else {"fused": True}
-    optimizer = torch_class(params, lr=1e-4, **KEYWORDS.get(torch_class.__name__, {}), **options)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    return optimizer.step
-
-
-def shardopt_steps(torch_class: type, numel: int, tensors: int) -> tuple[Callable[[], Any], Callable[[], Any], int]:
-    """(the update alone, the whole step(), bytes per element) of shardopt at N=1 over fresh parameters."""
-    params = make_params(numel, tensors)
-    optimizer = shardopt.ShardedOptimizer(params, torch_class, lr=1e-4, **KEYWORDS.get(torch_class.__name__, {}))
-    grads = [torch.randn_like(p) for p in params]
-
-    def step() -> None:
-        for p, g in zip(params, grads):
-            p.grad = g
-        optimizer.step()
-
-    step()
-    return (lambda: time_update(optimizer)), step, bytes_per_element(optimizer)
-
-
-def time_update(optimizer: shardopt.ShardedOptimizer) -> None:
-    """The update alone: every buffer's shard, as step() runs it, without the collectives."""
-    works = []
-    for buffer in optimizer._buffers:
-        grad = buffer.grad_shard if buffer.grad_shard is not None else torch.zeros_like(buffer.param_shard)
-        works += optimizer._plan(buffer, grad, torch.ones(len(buffer.params), dtype=torch.bool))
-    optimizer._run(works)
 
 
 def per_rank_update(numel: int, tensors: int, repeats: int) -> dict[str, tuple[float, float, float]]:
@@ -189,7 +87,7 @@ def main() -> None:
     parser.add_argument("--name", default="step_throughput", help="results file name, without extension")
     args = parser.parse_args()
     numel, threads = int(args.numel), torch.get_num_threads()
-    stream = Stream(numel)
+    stream = roofline.Stream(numel)
     bandwidths = []
     # Each rank of the world runs with one thread, as two ranks share the machine's two cores.
     per_rank = run_world(per_rank_update, 2, numel, args.tensors, args.repeats, timeout=3600)
@@ -206,11 +104,9 @@ def main() -> None:
         update, step = seconds[len(impls)], seconds[len(impls) + 1]
         fastest = min(torch_seconds, key=torch_seconds.__getitem__)
         head_to_head = best_seconds([update_fn, torch_steps[fastest]], args.repeats)
-        probes = stream.probes()
-        beside_stream = best_seconds([update_fn, *(probe for _, probe in probes)], args.repeats)
-        bandwidth = max(bytes_moved / s for (bytes_moved, _), s in zip(probes, beside_stream[1:]))
+        beside_stream = roofline.measure(update_fn, moved, stream, args.repeats)
         del torch_steps, update_fn, step_fn
-        bandwidths.append(bandwidth)
+        bandwidths.append(beside_stream.bandwidth)
         n2 = max(rank[name][0] for rank in per_rank)
         # Each rank's shard against its own update of everything, timed in the same turns.
         in_turns = max(rank[name][1] / rank[name][2] for rank in per_rank)
@@ -222,15 +118,14 @@ def main() -> None:
                 "shardopt update (ms)": 1e3 * update,
                 "shardopt step (ms)": 1e3 * step,
                 "update speed-up vs best torch, head to head": head_to_head[1] / head_to_head[0],
-                "STREAM beside it (GB/s)": bandwidth / 1e9,
-                "roofline (ms)": 1e3 * moved * numel / bandwidth,
-                "update beside STREAM (ms)": 1e3 * beside_stream[0],
-                "% of roofline": 100 * (moved * numel / bandwidth) / beside_stream[0],
+                "STREAM beside it (GB/s)": beside_stream.bandwidth / 1e9,
+                "roofline (ms)": 1e3 * beside_stream.seconds,
+                "update beside STREAM (ms)": 1e3 * beside_stream.update,
+                "% of roofline": beside_stream.percent,
                 "N=2/N=1 per rank, in turns (1 thread)": in_turns,
                 "N=2/N=1, both ranks at once": n2 / n1,
             }
         )
-    columns = list(dict.fromkeys(key for row in rows for key in row))
     header = (
         f"{numel:,} fp32 parameters in {args.tensors} tensors; {platform.machine()}, {os.cpu_count()} cores, "
         f"{threads} torch threads, torch {torch.__version__}; in-place STREAM bandwidth "
@@ -239,14 +134,7 @@ def main() -> None:
         f"{args.repeats}, each pair in turns of its own; "
         f"shardopt path: {'compiled where not native' if os.environ.get(kernels.COMPILE_ENV) != '0' else 'eager'}."
     )
-    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    for row in rows:
-        cells = [row.get(c, "") for c in columns]
-        lines.append("| " + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in cells) + " |")
-    table = "\n".join(lines)
-    print(table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.md").write_text(table + "\n")
+    publish(markdown(header, rows), RESULTS / f"{args.name}.md")
     plot(rows, RESULTS / f"{args.name}.png")
 
 
