@@ -206,8 +206,14 @@ def _agree_token(comm: Comm) -> int:
 
 
 def _write(job: _SaveJob, staging: pathlib.Path, path: pathlib.Path, comm: Comm) -> None:
-    io = {"storage_writer": dcp.FileSystemWriter(staging), "planner": SavePlanner()}
-    _dcp(comm, f"writing {staging}", dcp.save, job.entries, **io)
+    _dcp(
+        comm,
+        f"writing {staging}",
+        dcp.save,
+        job.entries,
+        storage_writer=dcp.FileSystemWriter(staging),
+        planner=SavePlanner(),
+    )
     error = None
     if comm.rank == 0:
         try:
@@ -292,8 +298,14 @@ def load(
         except Exception as caught:
             error = caught
         agree(comm, error, f"loading {path}")
-        io = {"storage_reader": restore.reader, "planner": LoadPlanner()}
-        _dcp(comm, f"reading {path}", dcp.load, restore.staging.entries, **io)
+        _dcp(
+            comm,
+            f"reading {path}",
+            dcp.load,
+            restore.staging.entries,
+            storage_reader=restore.reader,
+            planner=LoadPlanner(),
+        )
         _check_same_checkpoint(restore, comm, path)
         return _install(restore, model, parts, schedulers)
 
