@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -51,9 +52,18 @@ def shardopt_steps(torch_class: type, numel: int, tensors: int) -> tuple[Callabl
 
 
 def time_update(optimizer: shardopt.ShardedOptimizer) -> None:
-    """The update alone: every buffer's shard, as step() runs it, without the collectives."""
+    """The update alone: every buffer's shard, as step() runs it, without the collectives and without
+    the copies between the parameters and the shard (on weights read from them once)."""
+    weights = _weights.get(optimizer)
+    if weights is None:
+        weights = _weights[optimizer] = [
+            b.master if b.master is not None else b.read_shard(b.new_shard()) for b in optimizer._buffers
+        ]
     works = []
-    for buffer in optimizer._buffers:
-        grad = buffer.grad_shard if buffer.grad_shard is not None else torch.zeros_like(buffer.param_shard)
-        works += optimizer._plan(buffer, grad, torch.ones(len(buffer.params), dtype=torch.bool))
+    for buffer, shard in zip(optimizer._buffers, weights):
+        grad = buffer.grad_shard if buffer.grad_shard is not None else torch.zeros_like(shard)
+        works += optimizer._plan(buffer, shard, grad, torch.ones(len(buffer.params), dtype=torch.bool))
     optimizer._run(works)
+
+
+_weights: weakref.WeakKeyDictionary[shardopt.ShardedOptimizer, list[torch.Tensor]] = weakref.WeakKeyDictionary()

@@ -1,8 +1,8 @@
 """Sharded weight averaging: ``torch.optim.swa_utils.AveragedModel`` (EMA or SWA) with 1/N of its memory.
 
-Each rank keeps the running average of only its own shard of every flat buffer, next to the
-weights the update writes (``ShardedBuffer.master_shard``: the fp32 master shard where the
-model is low precision), and updates it after the optimizer step with no communication.
+Each rank keeps the running average of only its own shard of every flat buffer, in the dtype
+the update writes (fp32 master weights where the model is low precision), and updates it after
+the optimizer step with no communication.
 Exporting gathers the shards; ``swapped()`` writes the average into the model's parameters
 for evaluation and puts the training weights back afterwards.
 """
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .buffer import ShardedBuffer
+from .memory_order import flattened
 from .optimizer import ShardedOptimizer
 
 
@@ -122,12 +123,13 @@ class ShardedAveragedModel:
                 "update_parameters() inside swapped() would average the average; call it after the block"
             )
         self._adopt_new_buffers()
+        self._optimizer.finish_param_gather()  # the parameters hold the step's update
         if self._n_averaged == 0:
-            self._averages = [buffer.master_shard.detach().clone() for buffer in self._buffers]
+            self._averages = [_weights(buffer) for buffer in self._buffers]
         else:
             weight = 1 - self._decay if self._decay is not None else 1 / (self._n_averaged + 1)
             for average, buffer in zip(self._averages, self._buffers):
-                average.lerp_(buffer.master_shard, weight)
+                average.lerp_(_weights(buffer), weight)
         self._n_averaged += 1
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -141,9 +143,6 @@ class ShardedAveragedModel:
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._optimizer.skipped_steps != self._skipped_before:
             return  # a skipped step (non-finite gradient) changed no weight: neither counted nor averaged
-        # Gathers may still be in flight (overlap_param_gather=True): they write this rank's shard
-        # only with the values it already holds (on gloo: their sum with the other ranks' zeros),
-        # so reading it now is safe; master weights are a tensor of their own anyway.
         self._steps += 1
         since = self._steps - self._start_after
         if since > 0 and since % self._every == 0:
@@ -168,7 +167,7 @@ class ShardedAveragedModel:
                     )
         self._buffers += new
         if self._n_averaged:
-            self._averages += [buffer.master_shard.detach().clone() for buffer in new]
+            self._averages += [_weights(buffer) for buffer in new]
 
     # ------------------------------------------------------------------ export
 
@@ -197,8 +196,8 @@ class ShardedAveragedModel:
         self._adopt_new_buffers()
         averaged: dict[Tensor, Tensor] = {}
         for buffer, full in self._gather():
-            for slot, param in zip(buffer.layout.slots, buffer.params):
-                averaged[param] = full[slot.span.slice].view(slot.shape).to(param.dtype, copy=True)
+            for view, param in zip(buffer.views(full), buffer.params):
+                averaged[param] = view.to(param.dtype, copy=True)
         state = self._model.state_dict(keep_vars=True)
         return {key: averaged[value] if value in averaged else value.detach() for key, value in state.items()}
 
@@ -213,8 +212,8 @@ class ShardedAveragedModel:
         averaged = {}
         if self._n_averaged:
             for buffer, full in self._gather():
-                for slot, param in zip(buffer.layout.slots, buffer.params):
-                    averaged[self._names[param]] = full[slot.span.slice].view(slot.shape).clone()
+                for view, param in zip(buffer.views(full), buffer.params):
+                    averaged[self._names[param]] = view.clone()
         in_model_order = {name: averaged[name] for name in self._names.values() if name in averaged}
         return {"n_averaged": self._n_averaged, "steps": self._steps, "averaged": in_model_order}
 
@@ -260,9 +259,9 @@ class ShardedAveragedModel:
         averages = []
         if n_averaged:
             for buffer in self._buffers:
-                average = torch.zeros_like(buffer.master_shard)
+                average = buffer.new_shard()
                 for piece in buffer.pieces:
-                    full = saved[self._names[buffer.params[piece.slot]]].reshape(-1)
+                    full = flattened(saved[self._names[buffer.params[piece.slot]]], buffer.orders[piece.slot])
                     average[piece.in_shard.slice].copy_(full[piece.in_param.slice])
                 averages.append(average)
         self._averages, self._n_averaged, self._steps = averages, n_averaged, steps
@@ -284,7 +283,7 @@ class ShardedAveragedModel:
             raise RuntimeError("swapped() is already active; blocks of it do not nest")
         self._optimizer.finish_param_gather()
         self._adopt_new_buffers()
-        training = [buffer.param_shard.clone() for buffer in self._buffers]
+        training = [buffer.read_shard(buffer.new_shard(buffer.dtype)) for buffer in self._buffers]
         buffers = [(tensor, tensor.detach().clone()) for tensor in self._model.buffers()]
         self._swapped = True
         try:
@@ -304,5 +303,15 @@ class ShardedAveragedModel:
         """Before: each rank holds its shard of some weights. After: every rank's parameters hold them all."""
         comm = self._optimizer._comm
         for buffer, shard in zip(self._buffers, shards):
-            buffer.param_shard.copy_(shard)
-            comm.all_gather(buffer.flat, buffer.param_shard, "the all-gather of swapped weights").wait()
+            full = torch.empty(buffer.layout.numel, dtype=buffer.dtype, device=buffer.device)
+            full[buffer.shard.slice].copy_(shard)
+            comm.all_gather(full, full[buffer.shard.slice], "the all-gather of swapped weights").wait()
+            buffer.write_params(full)
+
+
+def _weights(buffer: ShardedBuffer) -> Tensor:
+    """A copy of this rank's shard of the weights the update writes: the fp32 master weights where
+    the parameters are of low precision, else the parameters themselves."""
+    if buffer.master is not None:
+        return buffer.master.clone()
+    return buffer.read_shard(buffer.new_shard())

@@ -1,5 +1,15 @@
-"""One flat buffer on one rank: the parameters' storage, and this rank's shard of their
-gradient and optimizer state."""
+"""One flat buffer on one rank: where its parameters' elements lie in it, and this rank's shard of
+their gradient and optimizer state.
+
+The parameters keep their own storage, as under torch.optim: the flat buffer is a coordinate
+system for the reduction, the update and the all-gather, not where the parameters live. A step
+reads this rank's shard out of the parameters (:meth:`ShardedBuffer.read_shard`), updates it,
+all-gathers the shards into a staging buffer and writes that into the parameters
+(:meth:`ShardedBuffer.write_params`). So what a framework or a user does to a parameter between
+steps (``model.to(...)``, a cast, ``param.data = ...``, ``load_state_dict``, safetensors
+serialisation, a memory format) meets an ordinary tensor, and the next step reads what is there;
+:meth:`ShardedBuffer.follow` moves the shard's state to a new dtype or device.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .layout import BufferLayout
+from .memory_order import Order, flattened, memory_order, shaped
 
 # Parameter dtypes that get fp32 master weights (``master_weights``).
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -23,11 +34,10 @@ def grad_code(grad: Tensor | None) -> int:
 class ShardedBuffer:
     """The parameters of one buffer layout and everything this rank keeps for them.
 
-    The parameters become views of ``flat``, so the all-gather that ends a step writes
-    them in place. Element-wise optimizer state covers only this rank's shard.
-    Per-parameter scalar state (step counts, ...) is a few numbers per parameter, so
-    every rank keeps all of it and computes it alike; that lets a parameter that no
-    rank's shard covers (zero elements) or that two shards cut keep one step count.
+    Element-wise optimizer state covers only this rank's shard. Per-parameter scalar state
+    (step counts, ...) is a few numbers per parameter, so every rank keeps all of it and
+    computes it alike; that lets a parameter that no rank's shard covers (zero elements) or
+    that two shards cut keep one step count.
     """
 
     def __init__(
@@ -44,15 +54,8 @@ class ShardedBuffer:
         self.params = params
         self.group_index = group_index
         first = params[0]
-        self.flat = torch.zeros(layout.numel, dtype=first.dtype, device=first.device)
-        with torch.no_grad():
-            for slot, param in zip(layout.slots, params):
-                view = self.flat[slot.span.slice]
-                view.copy_(param.detach().reshape(-1))
-                param.data = view.view(slot.shape)
-        # Elements no parameter covers: a reused gradient staging buffer must zero them.
-        gaps = [torch.arange(gap.start, gap.end, device=first.device) for gap in layout.gaps()]
-        self.gap_index = torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.long, device=first.device)
+        self.dtype, self.device = first.dtype, first.device
+        self.orders: list[Order] = [memory_order(p) for p in params]
         self.shard = layout.shard(rank)
         self.pieces = layout.pieces(rank)
         self.state: dict[str, Tensor] = {}
@@ -64,13 +67,33 @@ class ShardedBuffer:
         # Stage 1 keeps the full reduced gradient (p.grad are views of it); stage 2 keeps its shard only.
         self.full_grad: Tensor | None = None
         self.grad_shard: Tensor | None = None
-        # The dtype gradients are reduced in (and the gradient shard kept in).
-        self.grad_dtype = grad_dtype or first.dtype
+        self._reduce_dtype = grad_dtype
+        self._master_weights = master_weights
+        self._place()
         # fp32 master weights of this rank's shard, where the parameters are of lower precision:
         # the update runs on them, and the parameters are their rounding.
         self.master: Tensor | None = None
-        if master_weights and first.dtype in LOW_PRECISION:
-            self.master = self.param_shard.float()
+        self._marks: list[tuple[int, int]] = []
+        self.reset_master()
+
+    def _place(self) -> None:
+        """What depends on the parameters' dtype and device."""
+        # The dtype gradients are reduced in (and the gradient shard kept in).
+        self.grad_dtype = self._reduce_dtype or self.dtype
+        # Elements no parameter covers: a reused staging buffer must zero them.
+        gaps = [torch.arange(gap.start, gap.end, device=self.device) for gap in self.layout.gaps()]
+        self.gap_index = torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.long, device=self.device)
+        inside = self.gap_index[(self.gap_index >= self.shard.start) & (self.gap_index < self.shard.end)]
+        self.shard_gap_index = inside - self.shard.start
+
+    @property
+    def has_master(self) -> bool:
+        return self._master_weights and self.dtype in LOW_PRECISION
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The dtype the update runs in: fp32 with master weights, else the parameters'."""
+        return torch.float32 if self.has_master else self.dtype
 
     def set_scalars(self, name: str, slots: list[int], value: float) -> None:
         values = self.scalars[name]
@@ -87,24 +110,130 @@ class ShardedBuffer:
             for slot in slots:
                 self.initialized[slot] = True
 
-    @property
-    def param_shard(self) -> Tensor:
-        return self.flat[self.shard.slice]
-
-    @property
-    def master_shard(self) -> Tensor:
-        """The weights the update reads and writes: the fp32 master shard, else the parameters' own shard."""
-        return self.param_shard if self.master is None else self.master
+    def new_shard(self, dtype: torch.dtype | None = None) -> Tensor:
+        """A zeroed tensor of this rank's shard's length, in ``dtype`` (default: the update's)."""
+        return torch.zeros(self.layout.shard_numel, dtype=dtype or self.weights_dtype, device=self.device)
 
     def state_tensor(self, name: str) -> Tensor:
         """This rank's shard of element-wise state ``name``, created as zeros on first use."""
         if name not in self.state:
-            self.state[name] = torch.zeros_like(self.master_shard)
+            self.state[name] = self.new_shard()
         return self.state[name]
+
+    # ------------------------------------------------------------------ the parameters
+
+    def read_shard(self, out: Tensor) -> Tensor:
+        """Copy this rank's shard of the parameters into ``out`` (gaps zeroed)."""
+        if self.shard_gap_index.numel():
+            out.index_fill_(0, self.shard_gap_index, 0)
+        for piece in self.pieces:
+            source = flattened(self.params[piece.slot].detach(), self.orders[piece.slot])
+            out[piece.in_shard.slice].copy_(source[piece.in_param.slice])
+        return out
+
+    def read_full(self, out: Tensor) -> Tensor:
+        """Copy every parameter into its span of the flat ``out`` (gaps zeroed)."""
+        if self.gap_index.numel():
+            out.index_fill_(0, self.gap_index, 0)
+        for slot, param, order in zip(self.layout.slots, self.params, self.orders):
+            shaped(out[slot.span.slice], slot.shape, order).copy_(param.detach())
+        return out
+
+    def write_params(self, full: Tensor) -> None:
+        """Copy the flat ``full`` (every rank's shard, gathered) into the parameters."""
+        params, views = [], []
+        for slot, param, order in zip(self.layout.slots, self.params, self.orders):
+            if slot.span.size:
+                params.append(param.detach())
+                views.append(shaped(full[slot.span.slice], slot.shape, order))
+        torch._foreach_copy_(params, views)
+        if self.master is not None:
+            self._marks = _marks(self.params)
+
+    # ------------------------------------------------------------------ master weights
+
+    def reset_master(self) -> None:
+        """Take the master shard from the parameters again (they were loaded or set from outside)."""
+        if not self.has_master:
+            self.master = None
+            return
+        if self.master is None:
+            self.master = self.new_shard()
+        self.read_shard(self.master)
+        self._marks = _marks(self.params)
+
+    def refresh_changed_master(self) -> None:
+        """Where a parameter was written or replaced since the last step wrote it (``load_state_dict``,
+        ``param.data = ...``, a copy by ``model.to(...)``), the master weights take its values; elements
+        whose value is still the master's rounding keep the master's fp32 precision."""
+        if self.master is None:
+            return
+        marks = _marks(self.params)
+        if marks != self._marks:
+            current = self.read_shard(self.new_shard(self.dtype))
+            moved = current != self.master.to(self.dtype)
+            self.master[moved] = current[moved].to(self.master.dtype)
+        self._marks = marks
+
+    # ------------------------------------------------------------------ following the parameters
+
+    def changes(self) -> tuple[torch.dtype, torch.device] | None:
+        """The parameters' new (dtype, device) if they moved or were cast since this buffer last looked."""
+        first = self.params[0]
+        if first.dtype == self.dtype and first.device == self.device:
+            return None
+        return first.dtype, first.device
+
+    def mismatch(self) -> tuple[int, str] | None:
+        """What this buffer cannot follow, as (slot, what happened to it): a parameter of another shape
+        than the layout's, or parameters of one buffer cast or moved apart. None: it can follow."""
+        first = self.params[0]
+        for position, (slot, param) in enumerate(zip(self.layout.slots, self.params)):
+            if param.shape != slot.shape:
+                return position, f"changed shape from {tuple(slot.shape)} to {tuple(param.shape)}"
+            if param.dtype != first.dtype or param.device != first.device:
+                return position, (
+                    f"is {param.dtype} on {param.device} while another parameter of its bucket is {first.dtype} "
+                    f"on {first.device}"
+                )
+        return None
+
+    def follow(self) -> None:
+        """Move this rank's shard of state (and master weights) to the parameters' dtype and device.
+
+        The caller has checked that every parameter has its shape, and all one dtype and device
+        (:meth:`mismatch`).
+        Element-wise state takes the update's new dtype, as ``torch.optim.Optimizer.load_state_dict``
+        casts state to its parameters'; master weights appear (the parameters became low precision)
+        or go (they became fp32 or fp64) as a new optimizer over the cast model would have them.
+        """
+        change = self.changes()
+        if change is None:
+            return
+        self.dtype, self.device = change
+        self._place()
+        self.full_grad = self.grad_shard = None
+        if self.has_master and self.master is not None:
+            self.master = self.master.to(self.device)
+            self._marks = _marks(self.params)
+        else:
+            self.master = None
+            self.reset_master()
+        self.state = {name: tensor.to(self.device, self.weights_dtype) for name, tensor in self.state.items()}
+
+    # ------------------------------------------------------------------ gradients
 
     def grad_codes(self) -> list[int]:
         """What each parameter's ``.grad`` holds now: NO_GRAD, DENSE or SPARSE."""
         return [grad_code(p.grad) for p in self.params]
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Views of ``flat`` (a flat buffer's length), one per parameter, shaped and laid out like it."""
+        return [shaped(flat[slot.span.slice], slot.shape, order) for slot, order in zip(self.layout.slots, self.orders)]
+
+    def flat_grad(self, slot: int, grad: Tensor) -> Tensor:
+        """Parameter ``slot``'s gradient as one dimension in its span's order, in the reduction's dtype."""
+        return flattened(grad, self.orders[slot]).to(self.grad_dtype)
 
     def flatten_grads(self, out: Tensor) -> list[int]:
         """Write every parameter's ``.grad`` into its span of ``out``; returns :meth:`grad_codes`.
@@ -113,38 +242,32 @@ class ShardedBuffer:
         every rank). Alignment gaps of ``out`` are left as they are: callers hand a zeroed buffer.
         """
         codes = self.grad_codes()
-        for slot, param, code in zip(self.layout.slots, self.params, codes):
-            span = out[slot.span.slice]
+        for view, param, code in zip(self.views(out), self.params, codes):
             if code != DENSE:
-                span.zero_()
-            elif param.grad.data_ptr() != span.data_ptr() or param.grad.shape != slot.shape:
-                span.copy_(param.grad.reshape(-1))
+                view.zero_()
+            elif param.grad.data_ptr() != view.data_ptr() or param.grad.stride() != view.stride():
+                view.copy_(param.grad)
         return codes
 
     def bind_grads(self, full: Tensor, has_grad: list[bool]) -> None:
         """Give the parameters that have a gradient the reduced one in ``full``: views of it, or
         copies where it was reduced in another dtype (autograd needs a gradient of the parameter's)."""
-        for slot, param, present in zip(self.layout.slots, self.params, has_grad):
+        for view, param, present in zip(self.views(full), self.params, has_grad):
             if present:
-                param.grad = full[slot.span.slice].view(slot.shape).to(param.dtype)
+                param.grad = view.to(param.dtype)
 
     def refresh_grads(self) -> None:
         """After ``full_grad`` changed in place (clipped, unscaled): the copies :meth:`bind_grads`
         made follow it (views already do)."""
-        if self.full_grad is not None and self.grad_dtype != self.flat.dtype:
-            for slot, param in zip(self.layout.slots, self.params):
+        if self.full_grad is not None and self.grad_dtype != self.dtype:
+            for view, param in zip(self.views(self.full_grad), self.params):
                 if grad_code(param.grad) == DENSE:  # a sparse one is this rank's own
-                    param.grad.copy_(self.full_grad[slot.span.slice].view(slot.shape))
+                    param.grad.copy_(view)
 
-    def publish_master(self) -> None:
-        """Round the updated master shard into the parameters' shard, which the all-gather reads."""
-        if self.master is not None:
-            self.param_shard.copy_(self.master)
+    # ------------------------------------------------------------------ bytes
 
-    def reset_master(self) -> None:
-        """Take the master shard from the parameters again (they were loaded or set from outside)."""
-        if self.master is not None:
-            self.master.copy_(self.param_shard)
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params)
 
     def grad_bytes(self, stage: int) -> int:
         numel = self.layout.numel if stage == 1 else self.layout.shard_numel
@@ -155,3 +278,8 @@ class ShardedBuffer:
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state.values())
+
+
+def _marks(params: list[torch.nn.Parameter]) -> list[tuple[int, int]]:
+    """What tells that a parameter was written (its version) or replaced (its storage) since."""
+    return [(p.data_ptr(), p._version) for p in params]

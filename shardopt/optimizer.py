@@ -33,7 +33,7 @@ from .grad_checks import GradChecks
 from .layout import ParamSpec, Span, plan_buffers, runs
 from .lbfgs import ShardedLBFGS
 from .owned import OwnedOptimizer
-from .param_gather import ParamGathers
+from .param_gather import UPDATE_BATCH, ParamGathers
 from .reducer import GradReducer
 from .sparse import SparseRowOptimizer
 
@@ -56,10 +56,16 @@ class _Work:
     spans of this rank's shard they cover: what one kernel call may update together."""
 
     buffer: ShardedBuffer
+    weights: Tensor  # this rank's shard of the weights the update writes
     grad_shard: Tensor
     key: tuple[bool, tuple[float, ...]]
     slots: list[int]
     spans: list[Span]
+
+
+def _kind(buffer: ShardedBuffer) -> float:
+    """A number for the dtype and device type of ``buffer``'s parameters: equal on every rank, or they differ."""
+    return float(fingerprint.stable_hash((str(buffer.dtype), buffer.device.type)) % 2**40)
 
 
 def _takes(torch_class: type[torch.optim.Optimizer], keyword: str) -> bool:
@@ -192,7 +198,7 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         self._scalar_dtype = _get_scalar_dtype()
         self._buffers: list[ShardedBuffer] = []
         self._reducer = GradReducer(self._comm, stage, grad_reduction)
-        self._gathers = ParamGathers(lazy=overlap_param_gather)
+        self._gathers = ParamGathers(self._comm, lazy=overlap_param_gather)
         self._reduced: _Reduced | None = None  # set by clip_grad_norm_ until the step that follows
         # Parameters of the groups that did not require grad when added: kept in the
         # groups (state_dict numbering counts them, as torch's does) but not sharded.
@@ -287,11 +293,11 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
                 layout, params, g, self._comm.rank, scalar_names, self._master_weights, self._reduce_dtype
             )
             # Every rank must start from the same parameters, as DDP ensures at construction.
-            self._comm.broadcast_(buffer.flat, "the broadcast of the initial parameters").wait()
+            self._gathers.broadcast(buffer)
             buffer.reset_master()
             if self._algorithm.eager_state:
                 self._create_state(buffer, group, list(range(len(params))), [Span(0, layout.shard_numel)])
-            self._gathers.add_bucket(len(self._buffers), params)
+            self._gathers.add_bucket(len(self._buffers), buffer)
             self._buffers.append(buffer)
             self._reducer.add(buffer)
 
@@ -314,22 +320,16 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
                 if self._skips(reduced):
                     self.skipped_steps += 1
                     return reduced.loss
-                works, updated = [], []
+                updated = []
                 offset = 0
                 for index, (buffer, grad_shard) in enumerate(zip(self._buffers, reduced.grad_shards)):
                     present = reduced.has_grad[offset : offset + len(buffer.params)]
                     offset += len(buffer.params)
                     if present.any():
-                        works += self._plan(buffer, grad_shard, present)
-                        updated.append(index)
-                self._run(works)
-                for index in updated:
-                    buffer = self._buffers[index]
-                    buffer.publish_master()
-                    gather = self._comm.all_gather(
-                        buffer.flat, buffer.param_shard, "the all-gather of updated parameters"
-                    )
-                    self._gathers.issue(index, gather)
+                        updated.append((index, grad_shard, present))
+                # A few buckets at a time: each needs a staging buffer until its all-gather is written back.
+                for start in range(0, len(updated), UPDATE_BATCH):
+                    self._update(updated[start : start + UPDATE_BATCH])
                 self._gathers.issued_all()
             finally:
                 self._reduced = None
@@ -338,6 +338,25 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
                 self._comm.leave()
         return reduced.loss
 
+    def _update(self, batch: list[tuple[int, Tensor, Tensor]]) -> None:
+        """Update this rank's shard of each buffer of ``batch`` (its index, gradient shard, which parameters
+        have a gradient) in as few kernel calls as their groups and state allow, and issue their gathers."""
+        works, fulls = [], []
+        for index, grad_shard, present in batch:
+            buffer = self._buffers[index]
+            full = self._gathers.staging(buffer)
+            shard = full[buffer.shard.slice]
+            buffer.refresh_changed_master()
+            weights = buffer.read_shard(shard) if buffer.master is None else buffer.master
+            works += self._plan(buffer, weights, grad_shard, present)
+            fulls.append(full)
+        self._run(works)
+        for (index, _, _), full in zip(batch, fulls):
+            buffer = self._buffers[index]
+            if buffer.master is not None:
+                full[buffer.shard.slice].copy_(buffer.master)  # rounded into the parameters' dtype
+            self._gathers.issue(index, buffer, full)
+
     def _skips(self, reduced: _Reduced) -> bool:
         """Whether this step is skipped, the same on every rank; unscales the gradients a GradScaler scaled."""
         scaler_skips = self._scaler_skips(reduced)
@@ -345,7 +364,7 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
             return scaler_skips
         if self._skip_nonfinite:
             return bool(self._nonfinite(reduced))
-        if not self._warned_fp16 and any(b.flat.dtype == torch.float16 for b in self._buffers):
+        if not self._warned_fp16 and any(b.dtype == torch.float16 for b in self._buffers):
             self._warned_fp16 = True
             warnings.warn(
                 "shardopt: float16 parameters trained without a gradient scaler: small gradients underflow to "
@@ -365,7 +384,7 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
     def _norm_like(self) -> tuple[torch.dtype, torch.device]:
         if not self._buffers:
             return torch.float32, torch.device("cpu")
-        return self._buffers[0].master_shard.dtype, self._buffers[0].flat.device
+        return self._buffers[0].weights_dtype, self._buffers[0].device
 
     def _grads_changed(self) -> None:
         for buffer in self._buffers:
@@ -415,9 +434,10 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         self._gathers.wait_all()
 
     def refresh_master_weights(self) -> None:
-        """Take the fp32 master weights from the parameters again, after changing parameters outside
-        ``step()`` (``model.load_state_dict``, an in-place edit); otherwise the next step would
-        overwrite the change with the master weights. Local: no communication."""
+        """Take every element of the fp32 master weights from the parameters again. Not needed after
+        changing parameters outside ``step()`` (``model.load_state_dict``, ``param.data = ...``): the
+        next step takes a changed parameter's new values by itself, and keeps the fp32 precision of
+        the elements that still hold the master's rounding. Local: no communication."""
         self._gathers.wait_all()
         for buffer in self._buffers:
             buffer.reset_master()
@@ -436,10 +456,15 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         """
         dense, sparse, late = self._reducer.local_flags()
         stray = torch.tensor([float(p.grad is not None) for _, _, p in self._unsharded], dtype=torch.float64)
+        problems = torch.tensor([float(p is not None) for p in self._reducer.problems], dtype=torch.float64)
+        kinds = torch.tensor([_kind(buffer) for buffer in self._buffers], dtype=torch.float64)
         tail = torch.tensor(closure_loss.tail(loss), dtype=torch.float64)
-        agreed = torch.cat([dense, sparse, late, stray, tail]).to(self._comm.device)
+        parts = [dense, sparse, late, stray, problems, kinds, tail]
+        agreed = torch.cat(parts).to(self._comm.device)
         self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()").wait()
-        dense, sparse, late, stray, tail = agreed.cpu().split([len(dense), len(sparse), len(late), len(stray), 3])
+        dense, sparse, late, stray, problems, all_kinds, tail = agreed.cpu().split([len(part) for part in parts])
+        if problems.any() or not torch.equal(all_kinds, kinds * self._comm.world_size):
+            self._refuse_change(problems, all_kinds != kinds * self._comm.world_size)
         known = self._reducer.known_sparse()
         if sparse.any() or known is not None:
             self._refuse_sparse(dense, sparse, known)
@@ -452,6 +477,26 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
             )
         loss = closure_loss.agreed(loss, tail.tolist(), self._comm.world_size)
         return dense + sparse > 0, sparse > 0, (late > 0).tolist(), loss
+
+    def _refuse_change(self, problems: Tensor, apart: Tensor) -> None:
+        """Raise, on every rank, for the first buffer whose parameters changed in a way it cannot follow
+        (``problems``: the ranks that found one, per buffer), or that differ between the ranks in dtype or
+        device (``apart``)."""
+        index = int((problems.bool() | apart).nonzero()[0])
+        buffer, g = self._buffers[index], self._buffers[index].group_index
+        found = self._reducer.problems[index]
+        if found is None and not problems[index]:
+            slot, what = 0, f"is {buffer.dtype} on {buffer.device} here, but of another dtype or device on other ranks"
+        elif found is None:
+            slot, what = 0, f"(or a parameter of its bucket) changed on {int(problems[index])} other rank(s)"
+        else:
+            slot, what = found
+        where = self._describe(self.param_groups[g], g, buffer.layout.slots[slot].index)
+        raise RuntimeError(
+            f"{where} {what} after the optimizer was built; shardopt follows a model cast or moved as a whole "
+            "(model.to(...), model.half(), ...) on every rank alike, not this: change the model before "
+            "building the optimizer, or build a new one"
+        )
 
     def _refuse_sparse(self, dense: Tensor, sparse: Tensor, known: Tensor | None) -> None:
         """Raise, alike on every rank, for the first parameter whose sparse gradient this step cannot
@@ -497,7 +542,7 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         if buffer.scalars or algorithm.tensor_state(group):
             buffer.set_initialized(slots)
 
-    def _plan(self, buffer: ShardedBuffer, grad_shard: Tensor, has_grad: Tensor) -> list[_Work]:
+    def _plan(self, buffer: ShardedBuffer, weights: Tensor, grad_shard: Tensor, has_grad: Tensor) -> list[_Work]:
         """What updating this rank's shard of ``buffer`` takes: one work per set of parameters
         that share their scalar state, covering the contiguous spans of the shard they hold.
         That is one work for the whole shard, unless some parameters have no gradient or fell
@@ -508,7 +553,7 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
                 Span(buffer.pieces[0].in_shard.start, buffer.pieces[-1].in_shard.end) if buffer.pieces else Span(0, 0)
             )
             key = (not buffer.initialized[0], tuple(values[0] for values in buffer.scalars.values()))
-            return [_Work(buffer, grad_shard, key, list(range(len(buffer.params))), [shard])]
+            return [_Work(buffer, weights, grad_shard, key, list(range(len(buffer.params))), [shard])]
         present = has_grad.tolist()
         keys = [
             (not buffer.initialized[s], tuple(values[s] for values in buffer.scalars.values())) if present[s] else None
@@ -519,7 +564,14 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         buffer.uniform = everyone and len(distinct) == 1
         # A key with no element in this shard still advances its parameters' scalars.
         return [
-            _Work(buffer, grad_shard, key, [s for s, k in enumerate(keys) if k == key], spans.get(key) or [Span(0, 0)])
+            _Work(
+                buffer,
+                weights,
+                grad_shard,
+                key,
+                [s for s, k in enumerate(keys) if k == key],
+                spans.get(key) or [Span(0, 0)],
+            )
             for key in distinct
         ]
 
@@ -528,7 +580,7 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         kernel call, as torch's fused optimizers make one call per step, not one per tensor."""
         batches: dict[tuple[Any, ...], list[_Work]] = {}
         for work in works:
-            weights = work.buffer.master_shard
+            weights = work.weights
             batches.setdefault((work.buffer.group_index, weights.device, weights.dtype, work.key), []).append(work)
         for (g, _, _, (is_fresh, values)), members in batches.items():
             group = self.param_groups[g]
@@ -540,7 +592,7 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
                     self._create_state(buffer, group, work.slots, work.spans)
                     values = tuple(buffer.scalars[name][work.slots[0]] for name in buffer.scalars)
                 state = {name: buffer.state_tensor(name) for name in names}
-                weights = buffer.master_shard
+                weights = work.weights
                 # Gradients reduced in another dtype than the weights' are cast (one slice at a time).
                 grad_shard = work.grad_shard
                 for span in work.spans:
@@ -626,13 +678,14 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
 
     def memory_stats(self) -> dict[str, int]:
         """This rank's bytes: the full parameters it holds, its gradients (stage 1: full; stage 2:
-        its shard), the stage-2 staging buffers gradients pass through on their way to a
-        reduction (a few buckets, reused every step), its shard of fp32 master weights (low-precision
-        parameters) and its shard of the optimizer state."""
+        its shard), the staging buffers gradients pass through on their way to a reduction (stage
+        2) and updated parameters on their way back into the parameters (a few buckets each, reused
+        every step), its shard of fp32 master weights (low-precision parameters) and its shard of
+        the optimizer state."""
         return {
-            "param_bytes": sum(b.flat.numel() * b.flat.element_size() for b in self._buffers),
+            "param_bytes": sum(b.param_bytes() for b in self._buffers),
             "grad_bytes": sum(b.grad_bytes(self._stage) for b in self._buffers),
-            "staging_bytes": self._reducer.staging_bytes,
+            "staging_bytes": self._reducer.staging_bytes + self._gathers.staging_bytes,
             "master_bytes": sum(b.master_bytes() for b in self._buffers),
             "state_bytes": sum(b.state_bytes() for b in self._buffers),
         }

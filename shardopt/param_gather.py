@@ -1,68 +1,127 @@
-"""The all-gathers of updated parameters that end a step, and when they are waited for.
+"""The all-gathers of updated parameters that end a step, and their writing into the parameters.
 
-By default ``step()`` waits for every bucket's gather before it returns, so the model is
-whole again when the user sees it. With ``overlap_param_gather=True`` (as Megatron's
-distributed optimizer offers) the gathers stay in flight after ``step()``: a forward
-pre-hook waits, module by module, only for the buckets holding that module's own
-parameters, so the gather of late layers overlaps the forward of early ones. Whatever is
-still pending is waited at the next ``step()``, ``state_dict()``, ``load_state_dict()`` or
-``finish_param_gather()``.
+The parameters keep their own storage (buffer.py), so each bucket is gathered into a staging
+buffer of the bucket's length, whose slice of this rank is where the step's update ran, and then
+copied into the parameters. At most ``MAX_IN_FLIGHT`` gathers are in flight; a bucket that
+needs a staging buffer when that many are taken first finishes the oldest gather, so the extra
+memory is a few buckets, never a copy of the model.
+
+By default ``step()`` finishes every gather before it returns, so the model is whole again when
+the user sees it. With ``overlap_param_gather=True`` (as Megatron's distributed optimizer
+offers) the last gathers stay in flight after ``step()``: a forward pre-hook finishes, module by
+module, only the buckets holding that module's own parameters, so the gather of late layers
+overlaps the forward of early ones. Whatever is still pending is finished at the next
+``step()``, ``state_dict()``, ``load_state_dict()`` or ``finish_param_gather()``.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .comm import Pending
+from .buffer import ShardedBuffer
+from .comm import Comm, Pending
+from .staging import StagingPool
+
+# Staging buffers taken at once (being updated, or gathering): the step updates UPDATE_BATCH buckets
+# at a time, while the gathers of the batch before are in flight.
+MAX_IN_FLIGHT = 4
+UPDATE_BATCH = MAX_IN_FLIGHT // 2
+
+
+@dataclass
+class _Gather:
+    index: int
+    buffer: ShardedBuffer
+    full: Tensor
+    pending: Pending
 
 
 class ParamGathers:
-    """Pending parameter all-gathers, one per bucket, waited eagerly or by forward pre-hooks."""
+    """Pending parameter all-gathers, each written into its parameters once done."""
 
-    def __init__(self, lazy: bool) -> None:
+    def __init__(self, comm: Comm, lazy: bool) -> None:
+        self._comm = comm
         self.lazy = lazy
+        self._pool = StagingPool()
         self._bucket_of: dict[int, int] = {}  # id(parameter) -> bucket index
-        self._pending: dict[int, Pending] = {}
+        self._in_flight: deque[_Gather] = deque()
+        self._taken = 0  # staging buffers handed out by staging() and not issued yet
         self._hook: RemovableHandle | None = None
 
-    def add_bucket(self, index: int, params: list[Tensor]) -> None:
-        for param in params:
+    def add_bucket(self, index: int, buffer: ShardedBuffer) -> None:
+        for param in buffer.params:
             self._bucket_of[id(param)] = index
 
-    def issue(self, index: int, pending: Pending) -> None:
-        self._pending[index] = pending
+    def staging(self, buffer: ShardedBuffer) -> Tensor:
+        """A flat staging buffer of ``buffer``'s length; its slice ``buffer.shard`` is where this rank's
+        shard is updated before :meth:`issue`. Finishes the oldest gathers while too many buffers are out."""
+        while self._in_flight and len(self._in_flight) + self._taken >= MAX_IN_FLIGHT:
+            self._finish(self._in_flight.popleft())
+        self._taken += 1
+        key = (buffer.dtype, buffer.device)
+        self._pool.reserve(buffer.layout.numel, key)
+        return self._pool.take(buffer.layout.numel, key)
+
+    def broadcast(self, buffer: ShardedBuffer) -> None:
+        """Every rank's parameters of ``buffer`` become rank 0's (at construction, as DDP does)."""
+        if self._comm.world_size == 1:
+            return
+        full = buffer.read_full(self.staging(buffer))
+        self._comm.broadcast_(full, "the broadcast of the initial parameters").wait()
+        with torch.no_grad():
+            buffer.write_params(full)
+        self._taken -= 1
+        self._pool.give(full)
+
+    def issue(self, index: int, buffer: ShardedBuffer, full: Tensor) -> None:
+        """All-gather the updated ``full[buffer.shard]`` of every rank into ``full``; then into the parameters."""
+        self._taken -= 1
+        shard = full[buffer.shard.slice]
+        pending = self._comm.all_gather(full, shard, "the all-gather of updated parameters")
+        self._in_flight.append(_Gather(index, buffer, full, pending))
 
     def issued_all(self) -> None:
-        """The step has issued its gathers: wait now, or leave them to the next forward."""
+        """The step has issued its gathers: finish them now, or leave them to the next forward."""
         if not self.lazy:
             self.wait_all()
-        elif self._pending and self._hook is None:
+        elif self._in_flight and self._hook is None:
             self._hook = _install_waiter(weakref.ref(self))
 
     def wait_all(self) -> None:
-        pending, self._pending = self._pending, {}
-        for gather in pending.values():
-            gather.wait()
+        while self._in_flight:
+            self._finish(self._in_flight.popleft())
         self._unhook()
 
+    def _finish(self, gather: _Gather) -> None:
+        gather.pending.wait()
+        with torch.no_grad():
+            gather.buffer.write_params(gather.full)
+        self._pool.give(gather.full)
+
     def before_forward(self, module: nn.Module) -> None:
-        """``module`` is about to run: wait for the buckets of its own (not its children's) parameters."""
-        for param in module._parameters.values():
-            if param is not None:
-                gather = self._pending.pop(self._bucket_of.get(id(param), -1), None)
-                if gather is not None:
-                    gather.wait()
-        if not self._pending:
+        """``module`` is about to run: finish the gathers of its own (not its children's) parameters,
+        and those issued before them."""
+        wanted = {self._bucket_of.get(id(p), -1) for p in module._parameters.values() if p is not None}
+        last = max((n for n, gather in enumerate(self._in_flight) if gather.index in wanted), default=-1)
+        for _ in range(last + 1):
+            self._finish(self._in_flight.popleft())
+        if not self._in_flight:
             self._unhook()
 
     @property
     def pending_buckets(self) -> int:
-        return len(self._pending)
+        return len(self._in_flight)
+
+    @property
+    def staging_bytes(self) -> int:
+        return self._pool.bytes
 
     def _unhook(self) -> None:
         if self._hook is not None:
@@ -79,8 +138,7 @@ def _install_waiter(gathers: weakref.ref[ParamGathers]) -> RemovableHandle:
         if live is None:
             handle.remove()
             return
-        with torch.no_grad():
-            live.before_forward(module)
+        live.before_forward(module)
 
     handle = nn.modules.module.register_module_forward_pre_hook(before_forward)
     return handle

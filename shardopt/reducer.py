@@ -47,6 +47,7 @@ from .comm import Comm, Pending
 from .layout import Span
 from .ring import PartsPlan, parts_plan
 from .sparse_grads import add_entries, dense_ranges, reduce_ranges
+from .staging import PoolKey, StagingPool
 
 # Staging buffers (each as long as the longest bucket) per dtype and device: two reductions in
 # flight keep the link busy while a third bucket fills, and a fourth absorbs buckets that
@@ -54,54 +55,9 @@ from .sparse_grads import add_entries, dense_ranges, reduce_ranges
 MAX_STAGING = 4
 _GRAD = operator.attrgetter("grad")
 
-PoolKey = tuple[torch.dtype, torch.device]
-
 
 def _pool_key(buffer: ShardedBuffer) -> PoolKey:
-    return (buffer.grad_dtype, buffer.flat.device)
-
-
-class StagingPool:
-    """Flat scratch buffers for gradients on their way into a reduction, reused step after step.
-
-    One buffer fits any bucket of its dtype and device (it is as long as the longest), so
-    buckets of different sizes share them.
-    """
-
-    def __init__(self) -> None:
-        self._numel: dict[tuple[torch.dtype, torch.device], int] = {}
-        self._free: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-        self._created: list[Tensor] = []
-
-    def reserve(self, numel: int, key: PoolKey) -> None:
-        """Buffers of ``key`` (dtype, device) must be able to hold ``numel`` elements."""
-        self._numel[key] = max(self._numel.get(key, 0), numel)
-
-    def has_free(self, key: PoolKey) -> bool:
-        return bool(self._free.get(key))
-
-    def count(self, key: PoolKey) -> int:
-        return sum((base.dtype, base.device) == key for base in self._created)
-
-    def take(self, numel: int, key: PoolKey) -> Tensor:
-        """``numel`` elements of a buffer of ``key`` (dtype, device), with arbitrary contents."""
-        free = self._free.setdefault(key, [])
-        while free:
-            base = free.pop()
-            if base.numel() >= numel:
-                return base[:numel]
-            self._created.remove(base)  # outgrown by a buffer added since
-        base = torch.empty(self._numel[key], dtype=key[0], device=key[1])
-        self._created.append(base)
-        return base[:numel]
-
-    def give(self, staging: Tensor) -> None:
-        base = staging if staging._base is None else staging._base
-        self._free.setdefault((base.dtype, base.device), []).append(base)
-
-    @property
-    def bytes(self) -> int:
-        return sum(base.numel() * base.element_size() for base in self._created)
+    return (buffer.grad_dtype, buffer.device)
 
 
 @dataclass
@@ -130,6 +86,7 @@ class _Window:
     held: list[Tensor | None] | None = None
     views: list[Tensor] = field(default_factory=list)  # of ``staging``, one per parameter
     sparse_grads: dict[int, Tensor] = field(default_factory=dict)  # stage 2: per slot, kept aside whole
+    followed: bool = False  # the buffer has looked for a new dtype or device of its parameters
     launched: bool = False
     late: bool = False
     rounds: list[_Round] = field(default_factory=list)
@@ -165,6 +122,9 @@ class GradReducer:
         self._dense_ranges: list[list[Span] | None] = []
         # Inside ``no_sync()``: backward's hooks leave gradients where they are.
         self.accumulating = False
+        #: Per buffer: what it cannot follow of what was done to its parameters, as (slot, what
+        #: happened), None where it can; step() raises on every rank, and such a buffer is not reduced.
+        self.problems: list[tuple[int, str] | None] = []
 
     def add(self, buffer: ShardedBuffer) -> None:
         self._buffers.append(buffer)
@@ -172,6 +132,7 @@ class GradReducer:
         self._plans.append(None)
         self._sparse.append(set())
         self._dense_ranges.append(None)
+        self.problems.append(None)
         if self._stage == 2:
             self._pool.reserve(buffer.layout.numel, _pool_key(buffer))
         # Gradients already reduced (under DDP) are final only once backward has ended, when DDP
@@ -205,6 +166,26 @@ class GradReducer:
     def staging_bytes(self) -> int:
         return self._pool.bytes
 
+    def follow(self, index: int) -> None:
+        """Buffer ``index`` follows its parameters to a new dtype or device, before any of this window's
+        gradients are taken (stage 2: at the first one of a backward); what made for the old dtype is
+        made again. A change it cannot follow is kept in :attr:`problems`."""
+        window, buffer = self._windows[index], self._buffers[index]
+        if window.followed:
+            return
+        window.followed = True
+        self.problems[index] = buffer.mismatch()
+        change = buffer.changes()
+        if self.problems[index] is None and change is not None and self._comm.world_size > 1:
+            if change[1].type != self._comm.device.type:
+                self.problems[index] = (0, f"was moved to {change[1]}, which the process group does not communicate")
+        if self.problems[index] is None and change is not None:
+            buffer.follow()
+            self._plans[index] = None
+            self._views = {key: views for key, views in self._views.items() if key[0] != index}
+            if self._stage == 2:
+                self._pool.reserve(buffer.layout.numel, _pool_key(buffer))
+
     # ------------------------------------------------------------------ backward
 
     def arrived(self, index: int, slot: int) -> None:
@@ -215,6 +196,9 @@ class GradReducer:
         if window.launched:
             window.late = True
             return
+        self.follow(index)
+        if self.problems[index] is not None:
+            return  # step() raises on every rank
         self._absorb(index, slot)
         if not window.arrived[slot]:
             window.arrived[slot] = True
@@ -241,8 +225,7 @@ class GradReducer:
         as making a view costs more than copying a small gradient into it."""
         key = (index, staging.data_ptr())
         if key not in self._views:
-            slots = self._buffers[index].layout.slots
-            self._views[key] = [staging[slot.span.slice].view(slot.shape) for slot in slots]
+            self._views[key] = self._buffers[index].views(staging)
         return self._views[key]
 
     def _take(self, buffer: ShardedBuffer) -> Tensor:
@@ -263,7 +246,7 @@ class GradReducer:
             if code == DENSE:
                 # A view where autograd made it contiguous in the reduced dtype; never written in place
                 # (it may be a tensor the caller set as .grad and still holds).
-                flat, kept = grad.reshape(-1).to(buffer.grad_dtype), window.held[slot]
+                flat, kept = buffer.flat_grad(slot, grad), window.held[slot]
                 window.held[slot] = flat if first or kept is None else kept + flat
         else:
             if window.staging is None:
@@ -294,7 +277,7 @@ class GradReducer:
     @staticmethod
     def _grad_shard(buffer: ShardedBuffer) -> Tensor:
         if buffer.grad_shard is None:
-            buffer.grad_shard = torch.empty_like(buffer.param_shard, dtype=buffer.grad_dtype)
+            buffer.grad_shard = buffer.new_shard(buffer.grad_dtype)
         return buffer.grad_shard
 
     def _order(self) -> range:
@@ -305,9 +288,13 @@ class GradReducer:
         """Issue buffer ``index``'s reduction (stage 2: of what its staging buffer holds, after
         absorbing the gradients that did not arrive through backward)."""
         buffer, window = self._buffers[index], self._windows[index]
+        self.follow(index)
+        if self.problems[index] is not None:
+            window.launched = True  # step() raises on every rank before it would wait for a reduction
+            return
         if self._stage == 1:
             if buffer.full_grad is None:
-                buffer.full_grad = torch.zeros_like(buffer.flat, dtype=buffer.grad_dtype)
+                buffer.full_grad = torch.zeros(buffer.layout.numel, dtype=buffer.grad_dtype, device=buffer.device)
             full = buffer.full_grad
             window.codes = buffer.flatten_grads(full)
             pending = self._all_reduce(index, full) if self._reduce else None
@@ -349,7 +336,7 @@ class GradReducer:
         a parameter without one), once fewer than ``MAX_STAGING`` reductions are in flight."""
         buffer = self._buffers[index]
         parts = [
-            torch.zeros(slot.span.size, dtype=buffer.grad_dtype, device=buffer.flat.device) if grad is None else grad
+            torch.zeros(slot.span.size, dtype=buffer.grad_dtype, device=buffer.device) if grad is None else grad
             for slot, grad in zip(buffer.layout.slots, held)
         ]
         while len(self._in_flight) >= MAX_STAGING:
@@ -361,13 +348,12 @@ class GradReducer:
 
     def _stage_held(self, index: int, held: list[Tensor | None]) -> None:
         """Copy the gradients ``held`` for buffer ``index`` into its staging buffer (zeros where none)."""
-        window = self._windows[index]
-        self._staging(index)
-        for view, grad in zip(window.views, held):
+        staging = self._staging(index)
+        for slot, grad in zip(self._buffers[index].layout.slots, held):
             if grad is None:
-                view.zero_()
+                staging[slot.span.slice].zero_()
             else:
-                view.view(-1).copy_(grad)
+                staging[slot.span.slice].copy_(grad)
 
     def _all_reduce(self, index: int, tensor: Tensor, then: Callable[[], object] | None = None) -> Pending:
         """Issue the all-reduce of buffer ``index``'s gradient ``tensor``: of all of it, or, where the

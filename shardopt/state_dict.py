@@ -19,6 +19,7 @@ from torch import Tensor
 from .algorithms import Algorithm
 from .buffer import ShardedBuffer
 from .comm import Comm
+from .memory_order import flattened, shaped
 
 StateEntry = dict[str, Any]
 
@@ -41,17 +42,19 @@ def gather_buffer_state(buffer: ShardedBuffer, comm: Comm, scalar_dtype: torch.d
             name: torch.tensor(values[position], dtype=scalar_dtype) for name, values in buffer.scalars.items()
         }
         for name, tensor in full.items():
-            entry[name] = tensor[slot.span.slice].view(slot.shape).clone()
+            entry[name] = shaped(tensor[slot.span.slice], slot.shape, buffer.orders[position]).clone()
         entries[position] = entry
     return entries
 
 
 def gather_master(buffer: ShardedBuffer, comm: Comm) -> dict[int, Tensor]:
     """Collective: the full fp32 master weights of ``buffer``'s parameters, keyed by slot."""
-    full = torch.empty(buffer.layout.numel, dtype=buffer.master_shard.dtype, device=buffer.flat.device)
-    comm.all_gather(full, buffer.master_shard, "the all-gather of the master weights").wait()
+    master = buffer.master
+    full = torch.empty(buffer.layout.numel, dtype=master.dtype, device=master.device)
+    comm.all_gather(full, master, "the all-gather of the master weights").wait()
     return {
-        position: full[slot.span.slice].view(slot.shape).clone() for position, slot in enumerate(buffer.layout.slots)
+        position: shaped(full[slot.span.slice], slot.shape, order).clone()
+        for position, (slot, order) in enumerate(zip(buffer.layout.slots, buffer.orders))
     }
 
 
@@ -67,10 +70,13 @@ def check_master(master: Any, param: Tensor, where: str) -> None:
 def load_master(buffer: ShardedBuffer, masters: list[Tensor | None]) -> None:
     """Cut this rank's master shard out of ``masters`` (one per slot); None: from the parameter."""
     buffer.reset_master()
+    if buffer.master is None:
+        return
     for piece in buffer.pieces:
         saved = masters[piece.slot]
         if saved is not None:
-            buffer.master_shard[piece.in_shard.slice].copy_(saved.reshape(-1)[piece.in_param.slice])
+            source = flattened(saved, buffer.orders[piece.slot])
+            buffer.master[piece.in_shard.slice].copy_(source[piece.in_param.slice])
 
 
 def initial_entry(
@@ -191,12 +197,13 @@ def check_entry(
 
 def load_buffer_state(buffer: ShardedBuffer, entries: list[StateEntry | None], names: tuple[str, ...]) -> None:
     """Replace ``buffer``'s state with this rank's shard of ``entries`` (one per slot, None: no state)."""
-    state = {name: torch.zeros_like(buffer.master_shard) for name in names}
+    state = {name: buffer.new_shard() for name in names}
     for piece in buffer.pieces:
         entry = entries[piece.slot]
         if entry is not None:
             for name, tensor in state.items():
-                tensor[piece.in_shard.slice].copy_(entry[name].reshape(-1)[piece.in_param.slice])
+                source = flattened(entry[name], buffer.orders[piece.slot])
+                tensor[piece.in_shard.slice].copy_(source[piece.in_param.slice])
     install_buffer_state(buffer, state, entries)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -160,12 +161,26 @@ def recipe_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], path
     return run
 
 
+def loss_bound(optimizer: str, config: dict[str, Any]) -> float:
+    """How far the recipe's losses may part from torch.optim's over the run.
+
+    fp32 throughout, the only difference is the order the ranks' gradients are summed in: 1e-5.
+    Muon orthogonalises each update in bfloat16 (torch's Newton-Schulz iteration), so a gradient one
+    fp32 rounding away can round its update to the neighbouring bfloat16 value: up to one bfloat16
+    epsilon of the update's size, ``lr``, per element and step, so the losses may part by up to
+    steps x lr x epsilon (how much a CPU's bf16 arithmetic rounds that way differs between CPUs).
+    """
+    if optimizer != "muon":
+        return 1e-5
+    return config["steps"] * config["lr"] * torch.finfo(torch.bfloat16).eps
+
+
 @pytest.mark.parametrize("optimizer", sorted(RECIPES))
 def test_recipe_matches_torch(optimizer: str, recipe_run: Callable[[str], pathlib.Path]) -> None:
     record = record_of(recipe_run(optimizer))
     assert record["optimizers"] == ([optimizer] if optimizer == "lbfgs" else [optimizer, "adamw"])
     assert len(record["torch_loss"]) == len(record["loss"]) == 8
-    assert record["max_abs_loss_difference"] < 1e-5, record
+    assert record["max_abs_loss_difference"] < loss_bound(optimizer, record["config"]), record
     assert record["loss"][-1] < record["loss"][0]  # it trains: the curves coincide, not stand still
     for stats in record["memory"]:  # summed over the optimizers: each rank keeps part of the state
         assert 0 < stats["state_bytes"] < record["unsharded"]["state_bytes"]

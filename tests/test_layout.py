@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardopt.buffer import ShardedBuffer
-from shardopt.layout import BufferLayout, ParamSpec, Piece, Slot, Span, plan_buffers, runs
+from shardopt.layout import BufferLayout, ParamSpec, Piece, Span, plan_buffers, runs
 
 F32 = ("cpu", torch.float32)
 F64 = ("cpu", torch.float64)
@@ -456,45 +456,10 @@ def _specs_of(params: Sequence[torch.Tensor]) -> list[ParamSpec]:
     return [ParamSpec(i, tuple(p.shape), p.element_size(), (p.device, p.dtype)) for i, p in enumerate(params)]
 
 
-def _aliases(tensor: torch.Tensor, flat: torch.Tensor, slot: Slot) -> bool:
-    """Whether ``tensor`` is slot ``slot`` of ``flat``'s storage (offsets, not data_ptr: an empty tensor's is 0)."""
-    return (
-        tensor.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
-        and tensor.storage_offset() == flat.storage_offset() + slot.span.start
-        and tensor.is_contiguous()
-    )
-
-
-def test_views_of_flat_buffer_alias_it() -> None:
-    params = _make_params()
-    (layout,) = plan_buffers(_specs_of(params), 1, bucket_cap_bytes=BIG_CAP)
-    flat = torch.zeros(layout.numel)
-    views = []
-    for slot in layout.slots:
-        view = flat[slot.span.slice].view(slot.shape)
-        view.copy_(params[slot.index].detach())
-        views.append(view)
-    for slot, view in zip(layout.slots, views):
-        assert view.shape == params[slot.index].shape
-        assert _aliases(view, flat, slot)
-        assert torch.equal(view, params[slot.index].detach())
-    # Gap elements stay zero; a write through the flat buffer shows in every view.
-    used = torch.zeros(layout.numel, dtype=torch.bool)
-    for slot in layout.slots:
-        used[slot.span.slice] = True
-    assert torch.all(flat[~used] == 0)
-    flat.copy_(torch.arange(layout.numel, dtype=flat.dtype))
-    for slot, view in zip(layout.slots, views):
-        expected = torch.arange(slot.span.start, slot.span.end, dtype=flat.dtype).view(slot.shape)
-        assert torch.equal(view, expected)
-    # And a write through a view shows in the flat buffer.
-    views[1].fill_(-1.0)
-    assert torch.all(flat[layout.slots[1].span.slice] == -1.0)
-
-
 @pytest.mark.parametrize(("bucket_cap_bytes", "buffer_count"), [(BIG_CAP, 2), (64, 4)])
-def test_sharded_buffer_params_alias_flat(bucket_cap_bytes: int, buffer_count: int) -> None:
+def test_sharded_buffer_reads_and_writes_the_parameters(bucket_cap_bytes: int, buffer_count: int) -> None:
     params = _make_params() + [torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))]
+    storages = [p.data_ptr() for p in params]
     originals = [p.detach().clone() for p in params]
     layouts = plan_buffers(_specs_of(params), 1, bucket_cap_bytes=bucket_cap_bytes)
     assert len(layouts) == buffer_count
@@ -505,17 +470,33 @@ def test_sharded_buffer_params_alias_flat(bucket_cap_bytes: int, buffer_count: i
         buffers.append(ShardedBuffer(layout, members, 0, 0, ("step",)))
     assert sorted(slot.index for layout in layouts for slot in layout.slots) == list(range(len(params)))
     for buffer in buffers:
-        assert buffer.flat.numel() == buffer.layout.numel
         assert buffer.shard == Span(0, buffer.layout.numel)
-        assert buffer.param_shard.data_ptr() == buffer.flat.data_ptr()
+        full = buffer.read_full(torch.full((buffer.layout.numel,), 7.0, dtype=buffer.dtype))
+        assert torch.equal(buffer.read_shard(torch.full_like(full, 5.0)), full)  # a world of one: the shard is all
+        used = torch.zeros(buffer.layout.numel, dtype=torch.bool)
         for slot, param in zip(buffer.layout.slots, buffer.params):
             assert param is params[slot.index]
-            assert param.shape == originals[slot.index].shape
-            assert param.dtype == buffer.flat.dtype
-            assert _aliases(param.data, buffer.flat, slot)
-            assert torch.equal(param.detach(), originals[slot.index])
-        # Writes through the flat buffer reach the parameters.
+            assert torch.equal(full[slot.span.slice].view(slot.shape), originals[slot.index])
+            used[slot.span.slice] = True
+        assert torch.all(full[~used] == 0)  # alignment gaps read as zeros
         with torch.no_grad():
-            buffer.flat.add_(1.0)
+            buffer.write_params(full + 1.0)
         for slot, param in zip(buffer.layout.slots, buffer.params):
             assert torch.equal(param.detach(), originals[slot.index] + 1.0)
+    assert [p.data_ptr() for p in params] == storages  # written in place: the parameters keep their storage
+
+
+def test_a_channels_last_parameter_lies_in_its_own_memory_order() -> None:
+    weight = torch.nn.Parameter(torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last))
+    (layout,) = plan_buffers(_specs_of([weight]), 1, bucket_cap_bytes=BIG_CAP)
+    buffer = ShardedBuffer(layout, [weight], 0, 0, ())
+    assert buffer.orders == [(0, 2, 3, 1)]
+    full = buffer.read_full(torch.empty(layout.numel))
+    # The span holds the elements as they lie in the weight's memory: N, H, W, C.
+    assert torch.equal(full[: weight.numel()], weight.detach().permute(0, 2, 3, 1).reshape(-1))
+    (view,) = buffer.views(full)
+    assert view.stride() == weight.stride() and torch.equal(view, weight.detach())
+    with torch.no_grad():
+        buffer.write_params(full * 2)
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(weight.detach(), view * 2)

@@ -50,7 +50,7 @@ def test_state_per_rank_is_total_over_n_plus_padding(world_size: int, stage: int
     for stats in per_rank:
         assert stats["before"] == 0  # no state before the first step: nothing is created ahead
         assert stats["state_bytes"] <= total_state / world_size + 2 * 4 * padding / world_size
-        assert stats["param_bytes"] == 4 * padded
+        assert stats["param_bytes"] == 4 * numel  # the parameters' own storage
         assert stats["grad_bytes"] == 4 * (padded if stage == 1 else padded // world_size)
     assert sum(stats["state_bytes"] for stats in per_rank) == 2 * 4 * padded
     assert first["full_state_bytes"] == total_state + 4 * first["params"]  # + one fp32 step per parameter

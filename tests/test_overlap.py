@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import shardopt
+from shardopt.param_gather import MAX_IN_FLIGHT
 from shardopt.reducer import MAX_STAGING
 from tests.common import assert_trajectories_close, batch, flat_params, loss_of, make_model, reference_run
 from tests.world import run_world
@@ -33,7 +34,8 @@ def lazy_gather_run() -> dict[str, Any]:
     for step in range(STEPS):
         optimizer.zero_grad()
         if step == 2:
-            # Only ``hidden`` runs: its two buckets (weight, bias) are waited, ``out`` and ``scale`` still pending.
+            # step() left its last MAX_IN_FLIGHT gathers in flight. Only ``hidden`` runs: its two buckets
+            # (weight, bias) are finished, with those issued before them; ``out``'s two are still pending.
             before = optimizer._gathers.pending_buckets
             model.hidden(batch(rank, step)[0])
             pending.append((before, optimizer._gathers.pending_buckets))
@@ -57,7 +59,7 @@ def test_lazy_param_gather_waits_per_module_and_matches_torch(world_size: int) -
     for rank, result in enumerate(run_world(lazy_gather_run, world_size)):
         assert_trajectories_close(result["trajectory"], reference, f"overlap_param_gather N={world_size} rank {rank}")
         pending = result["pending"]
-        assert pending[2] == (5, 3)  # step 2, after ``hidden`` alone
+        assert pending[2] == (MAX_IN_FLIGHT, 2)  # step 2, after ``hidden`` alone
         assert all(entry == (0, 0) for entry in pending[:2] + pending[3:])  # after every whole forward
         assert result["hooks_after_step"] == 0  # finish_param_gather() removed the hook
 
@@ -94,14 +96,19 @@ def staging_run(stage: int) -> list[dict[str, int]]:
         optimizer.zero_grad()
         loss_of(model, dist.get_rank(), step).backward()
         optimizer.step()
-        stats.append(optimizer.memory_stats())
-    return [dict(s, largest_bucket=max(b.flat.numel() * 4 for b in optimizer._buffers)) for s in stats]
+        stats.append({"reduce": optimizer._reducer.staging_bytes, "gather": optimizer._gathers.staging_bytes})
+        assert optimizer.memory_stats()["staging_bytes"] == stats[-1]["reduce"] + stats[-1]["gather"]
+    return [dict(s, largest_bucket=max(b.layout.numel * 4 for b in optimizer._buffers)) for s in stats]
 
 
 @pytest.mark.parametrize(("world_size", "stage"), [(1, 2), (2, 2), (3, 2), (2, 1)])
 def test_stage2_gradients_pass_through_a_few_reused_staging_buffers(world_size: int, stage: int) -> None:
     for stats in run_world(staging_run, world_size, stage):
-        staging = [s["staging_bytes"] for s in stats]
+        # Updated parameters pass through at most MAX_IN_FLIGHT buckets on their way into the parameters.
+        gather = [s["gather"] for s in stats]
+        assert gather[0] == gather[-1] > 0
+        assert gather[0] <= MAX_IN_FLIGHT * stats[0]["largest_bucket"]
+        staging = [s["reduce"] for s in stats]
         if world_size <= 2 or stage == 1:
             # A world of one copies into the shard; two gloo ranks read the gradients where autograd
             # left them; stage 1 reduces in place.

@@ -71,7 +71,7 @@ class ElementPart(Part):
         for buffer in optimizer._buffers:
             group = groups[buffer.group_index]
             scalar_names, tensor_names = list(algorithm.scalar_state(group)), list(algorithm.tensor_state(group))
-            shards = {name: torch.zeros_like(buffer.master_shard) for name in tensor_names}
+            shards = {name: buffer.new_shard() for name in tensor_names}
             scalars: list[dict[str, Tensor] | None] = [None] * len(buffer.params)
             master = None if buffer.master is None else torch.zeros_like(buffer.master)
             saved_master: list[Piece] = []
@@ -97,7 +97,7 @@ class ElementPart(Part):
                     continue
                 for name in tensor_names:
                     key = self.key(saved["name"], name)
-                    staging.read(key, _chunks(size, shards[name], mine), (size,), buffer.master_shard.dtype)
+                    staging.read(key, _chunks(size, shards[name], mine), (size,), buffer.weights_dtype)
             self._buffers.append((buffer, shards, scalars))
             if master is not None:
                 # A checkpoint of a run without master weights leaves them to come from the loaded parameters.
@@ -107,7 +107,7 @@ class ElementPart(Part):
         self.optimizer.param_groups[:] = groups
         for buffer, shards, scalars in self._buffers:
             state_format.install_buffer_state(buffer, shards, scalars)
-        # The model is loaded: parameters are views of the flat buffers, the master weights start from them.
+        # The model is loaded: the master weights start from its parameters.
         for buffer in self.optimizer._buffers:
             buffer.reset_master()
         for buffer, master, saved in self._masters:
