@@ -125,7 +125,7 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         optimizer_class: type[torch.optim.Optimizer] | str,
         *,
         process_group: dist.ProcessGroup | None = None,
-        stage: int = 2,
+        stage: int = 1,
         grad_reduction: str | None = "mean",
         timeout: float | timedelta = 300,
         bucket_cap_mb: float = 25,

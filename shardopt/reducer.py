@@ -44,6 +44,7 @@ from torch import Tensor
 from . import sparse_exchange
 from .buffer import DENSE, NO_GRAD, SPARSE, ShardedBuffer, grad_code
 from .comm import Comm, Pending
+from .ddp_watch import DDPWatch
 from .layout import Span
 from .ring import PartsPlan, parts_plan
 from .sparse_grads import add_entries, dense_ranges, reduce_ranges
@@ -122,6 +123,17 @@ class GradReducer:
         self._dense_ranges: list[list[Span] | None] = []
         # Inside ``no_sync()``: backward's hooks leave gradients where they are.
         self.accumulating = False
+        self._watch = DDPWatch()
+        self._queued = False  # the end-of-backward callback is queued for the backward under way
+        self._in_backward = False  # stage 1: this backward's reduction is under way (entered on the board)
+        # Per buffer: DDP reduced its gradients (they are taken as they are); stage 1: the gradients
+        # a backward's reduction put in p.grad (None where a parameter got none), its full gradient
+        # with one flag per parameter after it (summed by the reduction: how many ranks had one),
+        # and views of it shaped like the parameters.
+        self._by_ddp: list[bool] = []
+        self._bound: list[list[Tensor | None] | None] = []
+        self._storage: list[Tensor | None] = []
+        self._full_views: list[list[Tensor]] = []
         #: Per buffer: what it cannot follow of what was done to its parameters, as (slot, what
         #: happened), None where it can; step() raises on every rank, and such a buffer is not reduced.
         self.problems: list[tuple[int, str] | None] = []
@@ -133,11 +145,16 @@ class GradReducer:
         self._sparse.append(set())
         self._dense_ranges.append(None)
         self.problems.append(None)
+        self._by_ddp.append(False)
+        self._bound.append(None)
+        self._storage.append(None)
+        self._full_views.append([])
         if self._stage == 2:
             self._pool.reserve(buffer.layout.numel, _pool_key(buffer))
-        # Gradients already reduced (under DDP) are final only once backward has ended, when DDP
-        # has written its result into them: step() takes them then, with no hook during backward.
-        if self._stage == 2 and self._reduce:
+        # Gradients already reduced (grad_reduction=None, under DDP) are final only once backward has
+        # ended, when DDP has written its result into them: step() takes them then, with no hook.
+        if self._reduce:
+            self._watch.add(buffer.params)
             index = len(self._buffers) - 1
             handles = [
                 param.register_post_accumulate_grad_hook(_arrival_hook(weakref.ref(self), index, slot))
@@ -189,9 +206,19 @@ class GradReducer:
     # ------------------------------------------------------------------ backward
 
     def arrived(self, index: int, slot: int) -> None:
-        """Parameter ``slot`` of buffer ``index`` has its gradient (called from backward, stage 2)."""
+        """Parameter ``slot`` of buffer ``index`` has its gradient (called from backward)."""
+        self._queue_end_of_backward()
         if self.accumulating:
             return  # the gradient stays in p.grad, where autograd adds the next micro-batch's to it
+        under_ddp = self._watch.reduces()
+        if under_ddp is not None:
+            # DDP averages it (step() takes p.grad as DDP leaves it), or leaves it alone (its no_sync()).
+            self._by_ddp[index] = self._by_ddp[index] or under_ddp
+            return
+        if self._stage == 1 and not self._in_backward:
+            # Its collectives are waited before backward returns: a rank that never joins is named from there.
+            self._comm.enter("backward")
+            self._in_backward = True
         window = self._windows[index]
         if window.launched:
             window.late = True
@@ -234,10 +261,38 @@ class GradReducer:
             self._finish(self._in_flight.popleft())
         return pool.take(buffer.layout.numel, key)
 
+    def _queue_end_of_backward(self) -> None:
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(_end_of_backward(weakref.ref(self)))
+
+    def end_of_backward(self) -> None:
+        """Backward has ended. Stage 1 (unless DDP reduced it): every buffer is reduced now, and p.grad
+        holds the mean gradient when backward returns, as under DDP."""
+        self._queued = False
+        self._watch.backward_ended()
+        if not self._in_backward:
+            return  # stage 2 (its reductions are waited in step()), no_sync(), or DDP's backward
+        try:
+            self._launch_in_order(until_incomplete=False)
+            for index, window in enumerate(self._windows):
+                if window.rounds:
+                    self._settle_full(index)
+        finally:
+            self._in_backward = False
+            self._comm.leave()
+        # The next backward (an accumulation without zero_grad) is a reduction of its own.
+        self._windows = [self._window(buffer) for buffer in self._buffers]
+        self._next = 0
+
     def _absorb(self, index: int, slot: int) -> None:
         """Take parameter ``slot``'s ``.grad`` into this round: kept as it is (``held``) or copied into
         the staging buffer the first time, added after that (a second backward before the launch);
-        zeros if it has none or a sparse one (kept aside whole, for :meth:`add_sparse`)."""
+        zeros if it has none or a sparse one (kept aside whole, for :meth:`add_sparse`). Stage 1: into
+        its span of the full gradient, which p.grad then is."""
+        if self._stage == 1:
+            self._absorb_full(index, slot)
+            return
         window, buffer = self._windows[index], self._buffers[index]
         param = buffer.params[slot]
         grad, first = param.grad, not window.arrived[slot]
@@ -265,13 +320,54 @@ class GradReducer:
         window.codes[slot] |= code
         param.grad = None
 
+    def _full(self, index: int) -> Tensor:
+        """Stage 1: buffer ``index``'s full gradient, and one flag per parameter after it."""
+        buffer = self._buffers[index]
+        if buffer.full_grad is None:
+            numel = buffer.layout.numel
+            storage = torch.zeros(numel + len(buffer.params), dtype=buffer.grad_dtype, device=buffer.device)
+            self._storage[index], buffer.full_grad = storage, storage[:numel]
+            self._full_views[index] = buffer.views(buffer.full_grad)
+        return self._storage[index]
+
+    def _absorb_full(self, index: int, slot: int) -> None:
+        window, buffer = self._windows[index], self._buffers[index]
+        self._full(index)
+        param, view = buffer.params[slot], self._full_views[index][slot]
+        grad = param.grad
+        code = grad_code(grad)
+        if code == DENSE:
+            if grad is not view:
+                view.copy_(grad)
+                if view.dtype == param.dtype:
+                    param.grad = view  # the reduction's result lands where autograd adds the next gradient
+        else:
+            view.zero_()  # a sparse gradient stays this rank's own in p.grad: add_sparse reduces it
+        window.codes[slot] |= code
+
+    def _settle_full(self, index: int, reduced: bool = True) -> None:
+        """Stage 1, buffer ``index``'s reduction done: the mean (or sum) in its full gradient, and p.grad
+        of every parameter that had a gradient on some rank a view of it (a copy in another dtype)."""
+        window, buffer = self._windows[index], self._buffers[index]
+        for round_ in window.rounds:
+            self._finish(round_)
+        window.rounds.clear()
+        if reduced and self._mean and self._comm.world_size > 1:
+            buffer.full_grad.div_(self._comm.world_size)
+        used = (self._storage[index][buffer.layout.numel :] > 0).tolist()
+        # A sparse gradient stays this rank's own: add_sparse reduces it, and a dense one elsewhere is an error.
+        mine = buffer.grad_codes()
+        buffer.bind_grads(buffer.full_grad, [present and code != SPARSE for present, code in zip(used, mine)])
+        self._bound[index] = [param.grad for param in buffer.params]
+
     def _launch_in_order(self, until_incomplete: bool) -> None:
         order = self._order()
         while self._next < len(order):
             index = order[self._next]
             if until_incomplete and not self._windows[index].complete:
                 return
-            self._launch(index)
+            if not self._windows[index].launched:  # else reduced by a backward (stage 1)
+                self._launch(index)
             self._next += 1
 
     @staticmethod
@@ -292,13 +388,16 @@ class GradReducer:
         if self.problems[index] is not None:
             window.launched = True  # step() raises on every rank before it would wait for a reduction
             return
+        reduce = self._reduce and not self._by_ddp[index]
         if self._stage == 1:
-            if buffer.full_grad is None:
-                buffer.full_grad = torch.zeros(buffer.layout.numel, dtype=buffer.grad_dtype, device=buffer.device)
-            full = buffer.full_grad
-            window.codes = buffer.flatten_grads(full)
-            pending = self._all_reduce(index, full) if self._reduce else None
-            window.rounds.append(_Round(buffer, pending, None, full, accumulate=False))
+            for slot in range(window.size):
+                if not window.arrived[slot] or window.launched:
+                    self._absorb_full(index, slot)
+            storage = self._full(index)
+            flags = [float(code & DENSE != 0) for code in window.codes]
+            storage[buffer.layout.numel :].copy_(torch.tensor(flags, dtype=storage.dtype))
+            pending = self._all_reduce(index, storage) if reduce else None
+            window.rounds.append(_Round(buffer, pending, None, storage, accumulate=False))
             window.launched = True
             return
         for slot in range(window.size):
@@ -309,7 +408,7 @@ class GradReducer:
         accumulate = window.launched
         if window.held is not None:
             held, window.held = window.held, [None] * window.size
-            if self._dense_ranges[index] is None:
+            if self._dense_ranges[index] is None and reduce:
                 window.launched = True
                 self._launch_parts(index, held, torch.empty_like(grad_shard) if accumulate else grad_shard, accumulate)
                 return
@@ -321,9 +420,9 @@ class GradReducer:
             return
         into = torch.empty_like(grad_shard) if accumulate else grad_shard
         pending = None
-        if self._reduce and self._dense_ranges[index] is not None:
+        if reduce and self._dense_ranges[index] is not None:
             pending = self._all_reduce(index, staging, then=lambda: into.copy_(staging[buffer.shard.slice]))
-        elif self._reduce:
+        elif reduce:
             pending = self._comm.reduce_scatter(into, staging, "the gradient reduce-scatter")
         else:
             into.copy_(staging[buffer.shard.slice])
@@ -362,6 +461,9 @@ class GradReducer:
         ranges = self._dense_ranges[index]
         if ranges is None:
             return self._comm.all_reduce_(tensor, "the gradient all-reduce")
+        numel = self._buffers[index].layout.numel
+        if tensor.numel() > numel:  # stage 1's flags after the gradient
+            ranges = [*ranges, Span(numel, tensor.numel())]
         return reduce_ranges(self._comm, tensor, ranges, "the gradient all-reduce", then)
 
     def _finish(self, round_: _Round) -> None:
@@ -382,11 +484,21 @@ class GradReducer:
         """Issue what backward did not: every buffer not launched yet, in the launch order.
 
         A launched buffer whose parameters hold a gradient again (written directly, or by a
-        second backward) is marked late.
+        second backward) is marked late. Stage 1: a buffer a backward reduced is not reduced
+        again; where some p.grad is no longer what that reduction left there (replaced, or set to
+        None), the step takes what p.grad holds now.
         """
-        for window, buffer in zip(self._windows, self._buffers):
+        for index, (window, buffer) in enumerate(zip(self._windows, self._buffers)):
             # map(attrgetter) runs at C speed: this is the one look at every parameter a step takes.
-            if window.launched and (window.late or _grads(buffer).count(None) < window.size):
+            grads = _grads(buffer)
+            bound = self._bound[index]
+            if bound is not None and not window.launched:
+                window.launched = True
+                window.codes = buffer.grad_codes()
+                if any(grad is not kept for grad, kept in zip(grads, bound)):
+                    # Replaced or set to None since: taken as it is, as torch.optim takes p.grad after DDP.
+                    buffer.flatten_grads(buffer.full_grad)
+            elif window.launched and (window.late or grads.count(None) < window.size):
                 window.late = True
                 window.codes = [old | new for old, new in zip(window.codes, buffer.grad_codes())]
         self._launch_in_order(until_incomplete=False)
@@ -406,18 +518,16 @@ class GradReducer:
     def reduced_shard(self, index: int) -> Tensor:
         """Wait for buffer ``index``'s reductions; this rank's shard of the reduced gradient."""
         buffer, window = self._buffers[index], self._windows[index]
+        reduced = not self._by_ddp[index]
+        if self._stage == 1:
+            if window.rounds:  # else a backward reduced it and nothing changed since
+                self._settle_full(index, reduced)
+            return buffer.full_grad[buffer.shard.slice]
         for round_ in window.rounds:
             self._finish(round_)
         window.rounds.clear()
-        scale = self._comm.world_size if self._mean and self._comm.world_size > 1 else None
-        if self._stage == 1:
-            if scale:
-                buffer.full_grad.div_(scale)
-            # A sparse gradient stays this rank's own in p.grad: the reduced one exists only in the shards.
-            buffer.bind_grads(buffer.full_grad, [code == DENSE for code in window.codes])
-            return buffer.full_grad[buffer.shard.slice]
-        if scale:
-            buffer.grad_shard.div_(scale)
+        if reduced and self._mean and self._comm.world_size > 1:
+            buffer.grad_shard.div_(self._comm.world_size)
         return buffer.grad_shard
 
     def known_sparse(self) -> Tensor | None:
@@ -476,6 +586,8 @@ class GradReducer:
                 self._pool.give(window.staging)
         self._windows = [self._window(buffer) for buffer in self._buffers]
         self._next = 0
+        self._by_ddp = [False] * len(self._buffers)
+        self._bound = [None] * len(self._buffers)
 
 
 def _grads(buffer: ShardedBuffer) -> list[Tensor | None]:
@@ -496,6 +608,15 @@ def _arrival_hook(reducer: weakref.ref[GradReducer], index: int, slot: int) -> C
             live.arrived(index, slot)
 
     return on_gradient
+
+
+def _end_of_backward(reducer: weakref.ref[GradReducer]) -> Callable[[], None]:
+    def callback() -> None:
+        live = reducer()
+        if live is not None:
+            live.end_of_backward()
+
+    return callback
 
 
 def _remove_all(handles: list[torch.utils.hooks.RemovableHandle]) -> None:

@@ -13,7 +13,7 @@ from tests.common import assert_trajectories_close, flat_params, loss_of, make_m
 from tests.world import run_world
 
 STEPS, MICRO = 3, 3
-OPTIONS = {"stage2": {}, "stage1": {"stage": 1}, "many-buckets": {"bucket_cap_mb": 1e-5}}
+OPTIONS = {"stage2": {"stage": 2}, "stage1": {"stage": 1}, "many-buckets": {"bucket_cap_mb": 1e-5}}
 
 
 def sharded_run(options: dict[str, Any], last_outside: bool) -> tuple[list[torch.Tensor], list[bool]]:
@@ -69,7 +69,7 @@ def test_no_sync_accumulates_one_large_batch(world_size: int, options: str) -> N
 
 def test_nested_no_sync_is_an_error_that_leaves_the_outer_block_working() -> None:
     model = make_model()
-    optimizer = shardopt.SGD(model.parameters(), lr=0.1)
+    optimizer = shardopt.SGD(model.parameters(), lr=0.1, stage=2)
     with optimizer.no_sync():
         with pytest.raises(RuntimeError, match="no_sync\\(\\) is already active: blocks of it do not nest"):
             with optimizer.no_sync():

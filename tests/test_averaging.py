@@ -35,7 +35,7 @@ CASES: dict[str, tuple[dict[str, Any], list[int]]] = {
     "ema-manual": ({"decay": 0.5, "every": None}, [0, 3, 4]),
 }
 OPTIONS: dict[str, dict[str, Any]] = {
-    "stage2": {},
+    "stage2": {"stage": 2},
     "stage1": {"stage": 1},
     "many-buckets": {"bucket_cap_mb": 1e-5},
     "overlap": {"overlap_param_gather": True},

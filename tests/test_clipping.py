@@ -15,7 +15,7 @@ from tests.world import run_world
 STEPS = 4
 # (max_norm, norm_type): clipping every step, at some steps only, never; the 2-, 1- and inf-norms.
 CLIPS = [(0.05, 2.0), (0.3, 2.0), (1e6, 2.0), (0.1, 1.0), (0.02, math.inf), (0.2, 3.0)]
-OPTIONS = {"stage2": {}, "stage1": {"stage": 1}, "many-buckets": {"bucket_cap_mb": 1e-5}}
+OPTIONS = {"stage2": {"stage": 2}, "stage1": {"stage": 1}, "many-buckets": {"bucket_cap_mb": 1e-5}}
 
 
 def sharded_run(options: dict[str, Any]) -> list[tuple[list[torch.Tensor], list[float], list[bool]]]:

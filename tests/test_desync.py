@@ -172,13 +172,13 @@ def test_ranks_that_differ_get_the_same_error_naming_the_difference(world_size: 
 STEP_DESYNC_TIMEOUT = 3  # seconds: the rank one step() ahead waits this long in that step for the others
 
 
-def one_step_more(directory: pathlib.Path, call: str) -> tuple[str, str]:
+def one_step_more(directory: pathlib.Path, call: str, stage: int) -> tuple[str, str]:
     """Rank 1 calls step() once more than the others, then every rank makes ``call``: what each raised."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
     model = make_model()
-    optimizer = shardopt.Adam(model.parameters(), lr=1e-2, timeout=STEP_DESYNC_TIMEOUT)
+    optimizer = shardopt.Adam(model.parameters(), lr=1e-2, timeout=STEP_DESYNC_TIMEOUT, stage=stage)
     try:
         train(optimizer, model, rank, 2 if rank == 1 else 1)
         if call == "state_dict()":
@@ -190,26 +190,31 @@ def one_step_more(directory: pathlib.Path, call: str) -> tuple[str, str]:
     return "no error", ""
 
 
-def assert_rank_1_one_step_ahead(per_rank: list[tuple[str, str]], call: str, timeout: float, label: str) -> None:
-    """Every rank raised DesyncError naming rank 1 in its extra step() and the others in ``call``."""
+def assert_rank_1_one_step_ahead(
+    per_rank: list[tuple[str, str]], call: str, timeout: float, label: str, ahead: str = "step() call 2"
+) -> None:
+    """Every rank raised DesyncError naming rank 1 in its extra step() (or, at stage 1, in the backward
+    before it, whose reduction is its first collective: ``ahead``) and the others in ``call``."""
     others = [rank for rank in range(len(per_rank)) if rank != 1]
     counts = f"{ranks_text(others)} {'is' if len(others) == 1 else 'are'} in {call} after 1 step() call"
     for rank, (kind, message) in enumerate(per_rank):
         assert kind == "DesyncError", f"{label}, rank {rank}: {kind}: {message}"
-        assert "rank 1 is in step() call 2" in message and counts in message, f"{label}, rank {rank}: {message}"
+        assert f"rank 1 is in {ahead}" in message and counts in message, f"{label}, rank {rank}: {message}"
     # The others find rank 1 on the phase board before any collective; rank 1 waits in its step.
     for rank in others:
         assert per_rank[rank][1].startswith(f"ranks disagree at {call} after 1 step() call: "), (label, per_rank[rank])
     assert f"did not complete (the timeout is {timeout:g} s)" in per_rank[1][1], (label, per_rank[1])
 
 
+@pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.parametrize(("call", "world_size"), [("state_dict()", 3), ("checkpoint.save", 2)])
 def test_a_rank_with_one_step_more_is_a_desync_error_naming_the_step_counts(
-    call: str, world_size: int, tmp_path: pathlib.Path
+    call: str, world_size: int, stage: int, tmp_path: pathlib.Path
 ) -> None:
     # A world of its own: rank 1 leaves its extra step's collectives pending.
-    per_rank = run_world(one_step_more, world_size, tmp_path, call, fresh=True)
-    assert_rank_1_one_step_ahead(per_rank, call, STEP_DESYNC_TIMEOUT, "Adam")
+    per_rank = run_world(one_step_more, world_size, tmp_path, call, stage, fresh=True)
+    ahead = "step() call 2" if stage == 2 else "backward after 1 step() call"
+    assert_rank_1_one_step_ahead(per_rank, call, STEP_DESYNC_TIMEOUT, f"Adam stage {stage}", ahead)
 
 
 # ---------------------------------------------------------------------- whole-parameter optimizers and clipping

@@ -34,7 +34,8 @@ VICTIM_STEP = 2
 # followed by a checkpoint save): what the survivors' errors must say of it.
 LAST_ENTERED = {
     "backward": f"checkpoint.save after {VICTIM_STEP} step() calls",
-    "step": f"checkpoint.save after {VICTIM_STEP} step() calls",
+    # Dead after its backward, whose gradient reduction (stage 1, the default) is a call of its own.
+    "step": f"backward after {VICTIM_STEP} step() calls",
     "save": f"step() call {VICTIM_STEP + 1}",
     "stuck": f"checkpoint.save after {VICTIM_STEP} step() calls",
 }

@@ -274,7 +274,7 @@ def partial_loss(model: torch.nn.Module, rank: int, step: int) -> torch.Tensor:
     return torch.nn.functional.mse_loss(out, y)
 
 
-def backward_with_unused(options: dict[str, Any]) -> tuple[list[torch.Tensor], list[bool]]:
+def backward_with_unused(options: dict[str, Any]) -> tuple[list[torch.Tensor], list[list[bool]]]:
     import torch.distributed as dist
 
     from tests.common import flat_params, make_model
@@ -286,19 +286,21 @@ def backward_with_unused(options: dict[str, Any]) -> tuple[list[torch.Tensor], l
     for step in range(6):
         optimizer.zero_grad()
         partial_loss(model, rank, step).backward()
-        released.append(all(p.grad is None for p in model.parameters()))
+        released.append([p.grad is None for p in model.parameters()])
         optimizer.step()
         trajectory.append(flat_params(model))
     return trajectory, released
 
 
+@pytest.mark.parametrize("stage", [1, 2])
 @pytest.mark.parametrize("layout", ["one-bucket", "many-buckets"])
-def test_parameters_unused_on_some_ranks_in_backward(layout: str) -> None:
-    """Stage 2 reduces buckets from backward's hooks; a bucket with a parameter unused on one rank is
-    launched at step() there, in the same order, and the result is torch.optim's on the mean gradient."""
+def test_parameters_unused_on_some_ranks_in_backward(layout: str, stage: int) -> None:
+    """Backward's hooks reduce the buckets; a bucket with a parameter unused on one rank is launched
+    when backward ends (stage 1) or at step() (stage 2) there, in the same order, and the result is
+    torch.optim's on the mean gradient."""
     from tests.common import flat_params, make_model
 
-    per_rank = run_world(backward_with_unused, 2, LAYOUTS[layout])
+    per_rank = run_world(backward_with_unused, 2, {**LAYOUTS[layout], "stage": stage})
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     reference = []
@@ -313,9 +315,13 @@ def test_parameters_unused_on_some_ranks_in_backward(layout: str) -> None:
         optimizer.step()
         reference.append(flat_params(model))
     for trajectory, _ in per_rank:
-        assert_trajectories_close(trajectory, reference, f"unused parameters, {layout}")
+        assert_trajectories_close(trajectory, reference, f"unused parameters, {layout}, stage {stage}")
+    if stage == 1:
+        # As under DDP (find_unused_parameters=True): every parameter used on some rank has the mean
+        # gradient in p.grad when backward returns, on every rank, the one left out of the graph too.
+        assert per_rank[0][1] == per_rank[1][1] == [[False] * 5] * 6
+        return
     # Each gradient is copied into its bucket's staging buffer and released as backward produces it, so
     # after backward no p.grad is left on either rank, even where a bucket waits for step() (rank 1 at odd
     # steps: ``scale``, the first parameter and so last in the launch order, gets no gradient there).
-    assert per_rank[0][1] == [True] * 6
-    assert per_rank[1][1] == [True] * 6
+    assert per_rank[0][1] == per_rank[1][1] == [[True] * 5] * 6

@@ -25,7 +25,7 @@ POISONED = 2  # the step at which the last rank's loss is inf
 CLIPPED = 4  # the step at which the gradients are unscaled and clipped before the step
 SCALER = {"init_scale": 2.0**10, "growth_interval": 2}
 SCALER_OPTIONS = {
-    "stage2": {},
+    "stage2": {"stage": 2},
     "stage1": {"stage": 1},
     "fp32-reduce": {"reduce_dtype": torch.float32},
 }
