@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from datetime import timedelta
 
 import torch
@@ -82,9 +83,16 @@ class Comm:
         self.phase, self.inside = Phase(self.phase.calls + 1, self.phase.steps + step, call), True
         self._board.post(self.phase)
 
+    def mark(self, call: str) -> None:
+        """Post ``call`` on the phase board as a call entered and left at once: a point every rank passes
+        that holds no collective of ours (a forward under DDP)."""
+        self.enter(call)
+        self.leave()
+
     def leave(self) -> None:
         """The call entered last has returned (errors of collectives waited later say "after" it)."""
         self.inside = False
+        self._board.post(replace(self.phase, left=True), quiet=True)  # in the finally of a call that may be failing
 
     @contextlib.contextmanager
     def call(self, call: str, *, step: bool = False, agree: bool = False) -> Iterator[None]:

@@ -12,6 +12,7 @@ Inside DDP's ``no_sync()`` the gradients stay each rank's own, as DDP leaves the
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,9 +22,11 @@ from torch.utils.hooks import RemovableHandle
 
 
 class DDPWatch:
-    """Watches the forwards of DDP modules that hold some of ``params``."""
+    """Watches the forwards of DDP modules that hold some of the parameters given to :meth:`add`;
+    calls ``on_reducing_forward`` at each forward after which DDP reduces (every rank makes it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_reducing_forward: Callable[[], None]) -> None:
+        self._on_reducing_forward = on_reducing_forward
         self._ids: set[int] = set()
         self._holds: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
         self._reduces: bool | None = None
@@ -42,6 +45,8 @@ class DDPWatch:
             holds = self._holds[module] = any(id(p) in self._ids for p in module.parameters())
         if holds:
             self._reduces = torch.is_grad_enabled() and module.require_backward_grad_sync
+            if self._reduces:
+                self._on_reducing_forward()
 
     def reduces(self) -> bool | None:
         """Whether DDP reduces the gradients of the backward under way: True, False (the forward ran

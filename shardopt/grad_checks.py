@@ -10,15 +10,18 @@ collectives on all of them: one all-reduce for the norm, one MAX all-reduce for 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .comm import Comm
+
+T = TypeVar("T")
 
 # The calls of these checks on the phase board (phases.py): a rank that dies or calls something else
 # while the others are in one is named with it. One post per call, not per collective.
@@ -28,6 +31,25 @@ CLOSURE_AFTER_REDUCTION = (
     "step(closure) recomputes the gradients that clip_grad_norm_() or a GradScaler's unscale_() already reduced; "
     "call clip_grad_norm_() inside the closure, after backward, or step() without a closure"
 )
+
+
+def owner(optimizer: Any) -> Any:
+    """The object that holds a shardopt optimizer's state: ``optimizer`` itself, or the one a framework's
+    wrapper wraps. Fabric's and Lightning's wrappers take the optimizer's class (so its methods run with
+    the wrapper as ``self``) and forward attribute reads; what a method writes would stay on the wrapper."""
+    while "_comm" not in vars(optimizer) and isinstance(vars(optimizer).get("_optimizer"), torch.optim.Optimizer):
+        optimizer = vars(optimizer)["_optimizer"]
+    return optimizer
+
+
+def on_owner(method: Callable[..., T]) -> Callable[..., T]:
+    """``method`` runs on :func:`owner` of the object it is called on."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> T:
+        return method(owner(self), *args, **kwargs)
+
+    return run
 
 
 class GradChecks:
@@ -201,7 +223,7 @@ def clip_grad_norm_(
     its per-device norms, and every optimizer's gradients are scaled by ``max_norm / (norm + 1e-6)``
     where that is below 1. Returns the joint norm, in the first optimizer's dtype and device.
     """
-    optimizers = [optimizers] if isinstance(optimizers, GradChecks) else list(optimizers)
+    optimizers = [owner(o) for o in ([optimizers] if isinstance(optimizers, GradChecks) else list(optimizers))]
     if not optimizers:
         raise ValueError("optimizers is empty: pass the shardopt optimizers whose gradients to clip")
     for index, optimizer in enumerate(optimizers):

@@ -29,7 +29,7 @@ from . import state_dict as state_format
 from .algorithms import Slices
 from .buffer import ShardedBuffer
 from .comm import Comm, OnGroup
-from .grad_checks import GradChecks
+from .grad_checks import GradChecks, on_owner
 from .layout import ParamSpec, Span, plan_buffers, runs
 from .lbfgs import ShardedLBFGS
 from .owned import OwnedOptimizer
@@ -405,6 +405,7 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
             self._reducer.add_sparse(sparse.tolist(), shards)
         return _Reduced(has_grad, shards, loss)
 
+    @on_owner
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Accumulate gradients locally, with no communication, as DDP's ``no_sync()`` does.
@@ -424,6 +425,7 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         finally:
             self._reducer.accumulating = False
 
+    @on_owner
     def finish_param_gather(self) -> None:
         """Wait for the parameter all-gathers the last step left in flight (``overlap_param_gather=True``).
 
@@ -433,6 +435,7 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         """
         self._gathers.wait_all()
 
+    @on_owner
     def refresh_master_weights(self) -> None:
         """Take every element of the fp32 master weights from the parameters again. Not needed after
         changing parameters outside ``step()`` (``model.load_state_dict``, ``param.data = ...``): the
@@ -442,6 +445,7 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         for buffer in self._buffers:
             buffer.reset_master()
 
+    @on_owner
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's; also drops gradient already handed to an unfinished reduction."""
         self._forget_reduced()
@@ -676,6 +680,7 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ introspection
 
+    @on_owner
     def memory_stats(self) -> dict[str, int]:
         """This rank's bytes: the full parameters it holds, its gradients (stage 1: full; stage 2:
         its shard), the staging buffers gradients pass through on their way to a reduction (stage

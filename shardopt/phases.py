@@ -21,7 +21,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TypeVar
 
@@ -36,6 +36,19 @@ READ_SECONDS = 5.0
 # Pauses between the reads of a rank waiting on the board for the others (the longest one).
 FIRST_PAUSE, LONGEST_PAUSE = 0.0005, 0.05
 CONSTRUCTION = "the optimizer's construction"
+# Posted on the board by the training itself (stage 1's reduction in backward; a forward through the DDP
+# module that will reduce the gradients): a rank found there went on training past a call of the others.
+BACKWARD, DDP_FORWARD = "backward", "a forward under DDP"
+# How long a rank waits for others that left their last call to enter the one it is in, before it takes
+# them as not coming: ranks reach a collective call within moments of each other (the call before
+# was collective too), and one made on some ranks only (``if rank == 0: opt.state_dict()``) would
+# otherwise wait out the timeout.
+LONE_SECONDS = 20.0
+ONLY_SOME = (
+    "a call made on some ranks only never completes (HF Trainer saves the optimizer from the main process "
+    "alone: use shardopt.integrations.transformers); make it on every rank"
+)
+WENT_ON = "{ranks} went on training while this rank is in {mine}: " + ONLY_SOME
 UNREADABLE = "the phase board (on the process group's store) could not be read, so its host may have died"
 TOGETHER = (
     "every rank must call step(), state_dict(), load_state_dict(), clip_grad_norm_(), a GradScaler's unscale_() "
@@ -53,6 +66,7 @@ class Phase:
     calls: int  # the collective calls entered so far, this one included (0: none yet)
     steps: int  # how many of them were step() calls
     call: str  # "step()", "state_dict()", "checkpoint.save", ...
+    left: bool = field(default=False, compare=False)  # the rank has returned from it
 
     def __str__(self) -> str:
         if self.call == "step()":
@@ -62,12 +76,12 @@ class Phase:
         return f"{self.call} after {self.steps} step() call{'s' if self.steps > 1 else ''}"
 
     def encode(self) -> str:
-        return f"{self.calls} {self.steps} {self.call}"
+        return f"{self.calls} {self.steps} {int(self.left)} {self.call}"
 
     @staticmethod
     def decode(text: str) -> Phase:
-        calls, steps, call = text.split(" ", 2)
-        return Phase(int(calls), int(steps), call)
+        calls, steps, left, call = text.split(" ", 3)
+        return Phase(int(calls), int(steps), call, left=left == "1")
 
 
 @dataclass
@@ -108,7 +122,17 @@ class Survey:
         parts = [
             f"{ranks_text(ranks)} {'is' if len(ranks) == 1 else 'are'} in {where}" for where, ranks in groups.items()
         ]
-        return f"ranks called step() different numbers of times, or made different calls: {' while '.join(parts)}"
+        story = f"ranks called step() different numbers of times, or made different calls: {' while '.join(parts)}"
+        training = self._ranks(lambda phase: phase is not None and phase.call in (BACKWARD, DDP_FORWARD))
+        if training and self.mine.call not in (BACKWARD, DDP_FORWARD, "step()"):
+            story += "; " + WENT_ON.format(ranks=ranks_text(training), mine=self.mine)
+        return story
+
+    def lone(self, seconds: float) -> str:
+        """The ranks that left their last call and did not come to this one within ``seconds``."""
+        behind = self.behind
+        last = "; ".join(f"rank {rank} left {self.entries[rank]}" for rank in behind)
+        return f"{last} and did not enter {self.mine} within {seconds:g} s of this rank: {ONLY_SOME}"
 
     def silence(self) -> str:
         """Which ranks did not answer, and the last call each entered."""
@@ -170,10 +194,15 @@ class PhaseBoard:
             return
         self._store = dist.PrefixStore(f"shardopt/{next(_created[name])}", store)
 
-    def post(self, phase: Phase) -> None:
-        """Say that this rank entered ``phase`` (one write, about 10 us on a TCPStore over loopback)."""
+    def post(self, phase: Phase, quiet: bool = False) -> None:
+        """Say that this rank entered ``phase`` (one write, about 10 us on a TCPStore over loopback).
+        ``quiet``: a store that fails is left to the next collective to report."""
         if self._store is not None:
-            self._store.set(self._keys[self.rank], phase.encode())
+            try:
+                self._store.set(self._keys[self.rank], phase.encode())
+            except Exception:
+                if not quiet:
+                    raise
 
     def survey(self, mine: Phase) -> Survey | str:
         """Every rank's entry, read within :data:`READ_SECONDS`; or why they could not be read."""
@@ -192,6 +221,13 @@ class PhaseBoard:
         entries = {r: Phase.decode(values[key].decode()) if key in values else None for r, key in enumerate(self._keys)}
         return Survey(mine, self.rank, entries)
 
+    @staticmethod
+    def _lone(survey: Survey, started: float) -> bool:
+        """Whether the ranks ``survey`` finds behind all left their last call :data:`LONE_SECONDS` ago or more."""
+        behind = [survey.entries[rank] for rank in survey.behind]
+        waited = time.monotonic() - started >= LONE_SECONDS
+        return bool(behind) and waited and all(phase is not None and phase.left for phase in behind)
+
     def gather(self, mine: Phase, timeout: timedelta, failure: Callable[[str], Exception]) -> None:
         """Wait until every rank has entered the call this rank is in (``mine``, posted already).
 
@@ -201,13 +237,14 @@ class PhaseBoard:
         """
         if self._store is None:
             return
-        deadline = time.monotonic() + timeout.total_seconds()
+        started = time.monotonic()
+        deadline = started + timeout.total_seconds()
 
         def wait() -> Survey:
             pause = FIRST_PAUSE
             while True:
                 survey = self._read(mine)
-                if not survey.behind or time.monotonic() > deadline:
+                if not survey.behind or time.monotonic() > deadline or self._lone(survey, started):
                     return survey
                 time.sleep(pause)
                 pause = min(2 * pause, LONGEST_PAUSE)
@@ -218,5 +255,7 @@ class PhaseBoard:
             raise failure(f"{UNREADABLE}: {type(error).__name__}: {error}") from error
         if survey.astray:
             raise DesyncError(f"ranks disagree at {mine}: {survey.desync()}; {TOGETHER}")
+        if self._lone(survey, started):
+            raise DesyncError(f"ranks disagree at {mine}: {survey.lone(LONE_SECONDS)}; {TOGETHER}")
         if survey.behind:
             raise failure(survey.silence())

@@ -46,6 +46,7 @@ from .buffer import DENSE, NO_GRAD, SPARSE, ShardedBuffer, grad_code
 from .comm import Comm, Pending
 from .ddp_watch import DDPWatch
 from .layout import Span
+from .phases import BACKWARD, DDP_FORWARD
 from .ring import PartsPlan, parts_plan
 from .sparse_grads import add_entries, dense_ranges, reduce_ranges
 from .staging import PoolKey, StagingPool
@@ -123,7 +124,8 @@ class GradReducer:
         self._dense_ranges: list[list[Span] | None] = []
         # Inside ``no_sync()``: backward's hooks leave gradients where they are.
         self.accumulating = False
-        self._watch = DDPWatch()
+        # A rank that goes on training past a call the others are in is named there (phases.py).
+        self._watch = DDPWatch(lambda: comm.mark(DDP_FORWARD))
         self._queued = False  # the end-of-backward callback is queued for the backward under way
         self._in_backward = False  # stage 1: this backward's reduction is under way (entered on the board)
         # Per buffer: DDP reduced its gradients (they are taken as they are); stage 1: the gradients
@@ -217,7 +219,7 @@ class GradReducer:
             return
         if self._stage == 1 and not self._in_backward:
             # Its collectives are waited before backward returns: a rank that never joins is named from there.
-            self._comm.enter("backward")
+            self._comm.enter(BACKWARD)
             self._in_backward = True
         window = self._windows[index]
         if window.launched:

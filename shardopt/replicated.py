@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import closure_loss, fingerprint, groups, owned_comm
 from .comm import Comm, OnGroup
-from .grad_checks import GradChecks
+from .grad_checks import GradChecks, on_owner
 
 GRAD_REDUCTIONS = ("mean", "sum", None)
 OUR_KEYWORDS = ("process_group", "grad_reduction", "timeout")
@@ -166,6 +166,7 @@ class ReplicatedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
     def _forget_reduced(self) -> None:
         self._reduced = None
 
+    @on_owner
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim's; also forgets gradients reduced ahead of step()."""
         self._forget_reduced()

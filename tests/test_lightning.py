@@ -1,0 +1,91 @@
+"""shardopt inside the Lightning ``Trainer`` (``strategy="ddp"`` on CPU), returned by
+``configure_optimizers`` in place of torch.optim.
+
+Lightning wraps the model in DDP and the optimizer in ``LightningOptimizer``, clips through
+``gradient_clip_val``, accumulates with ``accumulate_grad_batches`` (DDP's ``no_sync``) and
+checkpoints by asking every rank for the optimizer's state. Each run is compared with the same
+Trainer driving plain torch.optim: logged losses and parameters to fp32 parity bounds; a run
+resumed by ``fit(ckpt_path=...)`` from the checkpoint ``ModelCheckpoint`` wrote after the first
+epoch ends with the uninterrupted run's parameters, bit for bit.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import pytest
+import torch
+
+from tests.common import flat_params, make_model
+from tests.frameworks import ALGORITHMS, WORLD, compare_with_torch, make_optimizer, torchrun_environment
+
+EPOCHS, BATCH, SAMPLES = 2, 4, 24  # 24 samples over 2 ranks in batches of 4: 3 batches per rank and epoch
+
+
+def _module(algorithm: str, sharded: bool) -> Any:
+    import lightning.pytorch as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_model()
+            self.losses: list[float] = []
+
+        def training_step(self, batch: Any, index: int) -> torch.Tensor:
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.losses.append(float(loss))
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return make_optimizer(self.parameters(), algorithm, sharded)
+
+    return Module()
+
+
+def _fit(algorithm: str, sharded: bool, directory: pathlib.Path, accumulation: int, ckpt: str | None = None) -> Any:
+    import lightning.pytorch as pl
+
+    generator = torch.Generator().manual_seed(3)
+    inputs, targets = torch.randn(SAMPLES, 7, generator=generator), torch.randn(SAMPLES, 3, generator=generator)
+    data = torch.utils.data.TensorDataset(inputs, targets)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_epochs=1)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy="ddp",
+        max_epochs=EPOCHS,
+        gradient_clip_val=0.05,
+        accumulate_grad_batches=accumulation,
+        callbacks=[checkpoints],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module = _module(algorithm, sharded)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=BATCH), ckpt_path=ckpt)
+    return module
+
+
+def lightning_runs(algorithm: str, sharded: bool, directory: pathlib.Path) -> dict[str, Any]:
+    torchrun_environment()
+    results = {}
+    for accumulation in (1, 3):
+        out = directory / f"{algorithm}-{sharded}-{accumulation}"
+        module = _fit(algorithm, sharded, out, accumulation)
+        results[f"accumulation {accumulation}"] = {"losses": module.losses, "params": flat_params(module.net)}
+    first = directory / f"{algorithm}-{sharded}-1"
+    (epoch0,) = sorted(first.glob("epoch=0-*.ckpt"))
+    resumed = _fit(algorithm, sharded, directory / f"{algorithm}-{sharded}-resumed", 1, str(epoch0))
+    results["resumed"] = {"losses": resumed.losses, "params": flat_params(resumed.net)}
+    return results
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_lightning_trainer_trains_and_resumes_shardopt_as_torch_optim(algorithm: str, tmp_path: pathlib.Path) -> None:
+    ours, _ = compare_with_torch(lightning_runs, algorithm, tmp_path, ("accumulation 1", "accumulation 3", "resumed"))
+    for rank, mine in enumerate(ours):
+        uninterrupted, resumed = mine["accumulation 1"], mine["resumed"]
+        assert torch.equal(resumed["params"], uninterrupted["params"]), f"{algorithm} rank {rank}: resume"
+        assert resumed["losses"] == uninterrupted["losses"][len(uninterrupted["losses"]) // EPOCHS :]
