@@ -61,7 +61,8 @@ def time_update(optimizer: shardopt.ShardedOptimizer) -> None:
         ]
     works = []
     for buffer, shard in zip(optimizer._buffers, weights):
-        grad = buffer.grad_shard if buffer.grad_shard is not None else torch.zeros_like(shard)
+        # Stage 2 keeps its gradient shard; stage 1 the full gradient, of which the shard is a slice.
+        grad = buffer.grad_shard if buffer.grad_shard is not None else buffer.full_grad[buffer.shard.slice]
         works += optimizer._plan(buffer, shard, grad, torch.ones(len(buffer.params), dtype=torch.bool))
     optimizer._run(works)
 

@@ -122,13 +122,17 @@ class ShardedBuffer:
 
     # ------------------------------------------------------------------ the parameters
 
+    @torch.no_grad()
     def read_shard(self, out: Tensor) -> Tensor:
         """Copy this rank's shard of the parameters into ``out`` (gaps zeroed)."""
         if self.shard_gap_index.numel():
             out.index_fill_(0, self.shard_gap_index, 0)
-        for piece in self.pieces:
-            source = flattened(self.params[piece.slot].detach(), self.orders[piece.slot])
-            out[piece.in_shard.slice].copy_(source[piece.in_param.slice])
+        pieces = [piece for piece in self.pieces if piece.in_shard.size]
+        if pieces:  # one call: per-tensor copies of small parameters cost more than the bytes they move
+            torch._foreach_copy_(
+                [out[piece.in_shard.slice] for piece in pieces],
+                [flattened(self.params[p.slot], self.orders[p.slot])[p.in_param.slice] for p in pieces],
+            )
         return out
 
     def read_full(self, out: Tensor) -> Tensor:
@@ -139,12 +143,13 @@ class ShardedBuffer:
             shaped(out[slot.span.slice], slot.shape, order).copy_(param.detach())
         return out
 
+    @torch.no_grad()
     def write_params(self, full: Tensor) -> None:
         """Copy the flat ``full`` (every rank's shard, gathered) into the parameters."""
         params, views = [], []
         for slot, param, order in zip(self.layout.slots, self.params, self.orders):
             if slot.span.size:
-                params.append(param.detach())
+                params.append(param)
                 views.append(shaped(full[slot.span.slice], slot.shape, order))
         torch._foreach_copy_(params, views)
         if self.master is not None:

@@ -293,7 +293,7 @@ class GradReducer:
         zeros if it has none or a sparse one (kept aside whole, for :meth:`add_sparse`). Stage 1: into
         its span of the full gradient, which p.grad then is."""
         if self._stage == 1:
-            self._absorb_full(index, slot)
+            self._absorb_full([slot], index)
             return
         window, buffer = self._windows[index], self._buffers[index]
         param = buffer.params[slot]
@@ -332,20 +332,27 @@ class GradReducer:
             self._full_views[index] = buffer.views(buffer.full_grad)
         return self._storage[index]
 
-    def _absorb_full(self, index: int, slot: int) -> None:
+    def _absorb_full(self, slots: list[int], index: int) -> None:
+        """Stage 1: parameters ``slots`` of buffer ``index`` give their ``.grad`` to the full gradient,
+        which each p.grad then is a view of (zeros where there is none, or a sparse one)."""
         window, buffer = self._windows[index], self._buffers[index]
         self._full(index)
-        param, view = buffer.params[slot], self._full_views[index][slot]
-        grad = param.grad
-        code = grad_code(grad)
-        if code == DENSE:
-            if grad is not view:
-                view.copy_(grad)
+        views = self._full_views[index]
+        targets, sources = [], []
+        for slot in slots:
+            param, view = buffer.params[slot], views[slot]
+            grad = param.grad
+            code = grad_code(grad)
+            window.codes[slot] |= code
+            if code != DENSE:
+                view.zero_()  # a sparse gradient stays this rank's own in p.grad: add_sparse reduces it
+            elif grad is not view:
+                targets.append(view)
+                sources.append(grad)
                 if view.dtype == param.dtype:
                     param.grad = view  # the reduction's result lands where autograd adds the next gradient
-        else:
-            view.zero_()  # a sparse gradient stays this rank's own in p.grad: add_sparse reduces it
-        window.codes[slot] |= code
+        if targets:  # one call: per-tensor copies of small gradients cost more than the bytes they move
+            torch._foreach_copy_(targets, sources)
 
     def _settle_full(self, index: int, reduced: bool = True) -> None:
         """Stage 1, buffer ``index``'s reduction done: the mean (or sum) in its full gradient, and p.grad
@@ -392,9 +399,9 @@ class GradReducer:
             return
         reduce = self._reduce and not self._by_ddp[index]
         if self._stage == 1:
-            for slot in range(window.size):
-                if not window.arrived[slot] or window.launched:
-                    self._absorb_full(index, slot)
+            self._absorb_full(
+                [slot for slot in range(window.size) if not window.arrived[slot] or window.launched], index
+            )
             storage = self._full(index)
             flags = [float(code & DENSE != 0) for code in window.codes]
             storage[buffer.layout.numel :].copy_(torch.tensor(flags, dtype=storage.dtype))
