@@ -2,10 +2,11 @@
 
 One step, on every rank::
 
+    (backward: stage 1 all-reduces the full gradient, as DDP; stage 2 reduce-scatters it into
+    this rank's shard; both leave what DDP wrapped around the model reduced as it is)
     closure (if any) -> agree: which parameters have a gradient on any rank, problems, mean loss
-    per buffer: reduce the gradient (stage 2: reduce-scatter into this rank's shard;
-                stage 1: all-reduce the full gradient) -> update this rank's shard with the
-                algorithm -> all-gather the parameter shards into the flat buffer
+    per few buffers: read this rank's shard of the parameters into a staging buffer -> update it
+    with the algorithm -> all-gather the shards there -> copy the buffer into the parameters
 """
 
 from __future__ import annotations
@@ -80,10 +81,12 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         optimizer_class: a torch.optim algorithm class (``torch.optim.AdamW``) or its name (``"adamw"``).
         process_group: the data-parallel group; None means the default group, or a world of one
             when torch.distributed is not initialised.
-        stage: 1 shards the optimizer state; 2 shards the gradients as well (each ``p.grad`` is
-            moved into its bucket's reduction as backward produces it, so it is None after backward).
-        grad_reduction: ``"mean"`` or ``"sum"`` of the ranks' gradients, or None when they are
-            already reduced (under DDP).
+        stage: 1 (default) shards the optimizer state, and reduces the gradients as DDP does: each
+            ``p.grad`` holds the mean gradient when backward returns. 2 shards the gradients as well
+            (each ``p.grad`` is moved into its bucket's reduction as backward produces it, so it is
+            None after backward).
+        grad_reduction: ``"mean"`` or ``"sum"`` of the ranks' gradients, or None when someone else
+            always reduces them (a model wrapped in DDP is found by itself and needs nothing).
         timeout: seconds (or a timedelta) any collective of ours may wait before raising.
         bucket_cap_mb: the largest flat buffer, in MiB; each buffer is one reduction.
         overlap_param_gather: leave the all-gathers of updated parameters in flight after ``step()``;

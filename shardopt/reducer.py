@@ -22,8 +22,16 @@ bucket after its launch (a second backward before the step) is reduced in a seco
 which every rank joins when any rank needs it; reductions are sums, so the rounds add up to
 the reduction of the total.
 
-Stage 1 reduces at ``step()``: each buffer's full gradient is all-reduced and the
-parameters' ``.grad`` become views of the result, as under DDP.
+Stage 1 reduces as DDP does: the hook copies each gradient into its span of the buffer's full
+gradient (``p.grad`` becomes a view of it), a complete bucket is all-reduced at once, and a
+callback at the end of backward launches the rest, waits, and leaves the mean in every
+``p.grad`` (one flag per parameter rides with each all-reduce, so a parameter unused on this
+rank gets the others' mean too). Code between backward and step sees DDP's gradients; a
+``p.grad`` replaced after backward is taken as it is at ``step()``, as torch.optim takes it.
+Gradients written into ``.grad`` with no backward are reduced at ``step()``.
+
+Under DDP (the model wrapped after the optimizer was built, as frameworks do, ``ddp_watch.py``)
+neither stage reduces: ``step()`` takes ``p.grad`` as DDP leaves it.
 
 Sparse gradients (SGD, Adagrad) leave zeros in their spans and are reduced as entries once the
 ranks have agreed which parameters have them (``add_sparse``, ``sparse_grads.py``); a buffer
