@@ -12,6 +12,7 @@ built after the change, which must agree exactly.
 from __future__ import annotations
 
 import gc
+import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import shardopt
+from shardopt import checkpoint
 from tests.common import assert_trajectories_close, batch, flat_params, make_model
 from tests.world import run_world
 
@@ -267,3 +269,43 @@ def test_a_change_that_cannot_be_followed_is_an_error_on_every_rank(change: str,
     for message in run_world(unfollowable_run, WORLD, change):
         assert says in message
         assert "build the optimizer" in message or "build a new one" in message
+
+
+# ---------------------------------------------------------------- checkpoints of a channels_last weight
+
+
+def channels_last_checkpoint_run(directory: pathlib.Path) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    model = make("conv").to(memory_format=torch.channels_last)
+    optimizer = shardopt.AdamW(model.parameters(), lr=1e-2)
+    for step in range(2):
+        optimizer.zero_grad()
+        loss(model, "conv", dist.get_rank(), step).backward()
+        optimizer.step()
+    checkpoint.save(directory / "checkpoint", model=model, optimizer=optimizer)
+    contiguous = make("conv")
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        checkpoint.load(directory / "checkpoint", model=contiguous, optimizer=shardopt.AdamW(contiguous.parameters()))
+    again = make("conv").to(memory_format=torch.channels_last)
+    loaded = shardopt.AdamW(again.parameters(), lr=1e-2)
+    checkpoint.load(directory / "checkpoint", model=again, optimizer=loaded)
+    return {
+        "state": optimizer.state_dict()["state"],
+        "loaded": loaded.state_dict()["state"],
+        "refused": str(refused.value),
+    }
+
+
+def test_a_channels_last_weight_checkpoints_and_exports_in_its_own_layout(tmp_path: pathlib.Path) -> None:
+    """Its state is stored in its memory order: loaded into the same layout it is exact, exported it is
+    torch.optim's tensors (strides included), and a model built contiguous refuses it by name."""
+    for result in run_world(channels_last_checkpoint_run, WORLD, tmp_path):
+        assert "parameter 'conv.weight' was channels_last" in result["refused"], result["refused"]
+        assert "model.to(memory_format=...)" in result["refused"]
+        exported = checkpoint.consolidate(tmp_path / "checkpoint")["optimizer"]["state"]
+        for number, entry in result["state"].items():
+            for name, value in entry.items():
+                assert torch.equal(result["loaded"][number][name], value), (number, name)
+                assert torch.equal(exported[number][name], value), (number, name)
+                assert exported[number][name].stride() == value.stride(), (number, name)

@@ -19,6 +19,7 @@ from ..layout import Piece
 from ..optimizer import ShardedOptimizer
 from . import manifest as manifests
 from .chunks import ShardChunks
+from .errors import CheckpointError
 from .part import Part, Staging, TensorLookup
 
 
@@ -35,6 +36,8 @@ class ElementPart(Part):
             for position, slot in enumerate(buffer.layout.slots):
                 record = params[starts[buffer.group_index] + slot.index]
                 record["master"] = buffer.master is not None
+                if buffer.orders[position] is not None:  # 1-D state in this memory order (channels_last)
+                    record["order"] = list(buffer.orders[position])
                 if buffer.initialized[position]:
                     record["scalar_state"] = list(buffer.scalars)
                     record["tensor_state"] = list(buffer.state)
@@ -78,6 +81,8 @@ class ElementPart(Part):
             pieces = _pieces_by_slot(buffer)
             for position, slot in enumerate(buffer.layout.slots):
                 saved = record["params"][starts[buffer.group_index] + slot.index]
+                if saved["tensor_state"] or saved.get("master"):
+                    _check_order(staging.path, saved, buffer.orders[position])
                 mine, size = pieces.get(position, []), slot.span.size
                 if saved.get("master") and master is not None and size:
                     key = self.key(saved["name"], manifests.MASTER)
@@ -125,3 +130,15 @@ def _pieces_by_slot(buffer: ShardedBuffer) -> dict[int, list[Piece]]:
 def _chunks(size: int, shard: Tensor, pieces: list[Piece]) -> ShardChunks:
     """The ``pieces`` of a parameter's 1-D state of ``size`` elements, as held in this rank's ``shard``."""
     return ShardChunks(size, {p.in_param.start: shard[p.in_shard.slice] for p in pieces})
+
+
+def _check_order(path: Any, saved: dict[str, Any], order: tuple[int, ...] | None) -> None:
+    """A parameter's state is stored in the memory order the parameter had (channels_last: N, H, W, C);
+    loaded into one of another memory format, its elements would land permuted."""
+    if (tuple(saved["order"]) if saved.get("order") else None) != order:
+        kind = {True: "channels_last (or another permuted memory format)", False: "contiguous"}
+        raise CheckpointError(
+            f"{path}: parameter {saved['name']!r} was {kind[bool(saved.get('order'))]} when saved but is "
+            f"{kind[order is not None]} now; give the model the memory format it had when saved "
+            "(model.to(memory_format=...)) before building the optimizer, then load"
+        )

@@ -16,6 +16,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from .. import state_dict as state_format
+from ..memory_order import shaped
 from ..optimizer import ShardedOptimizer
 from . import manifest as manifests
 from .chunks import LoadPlanner
@@ -80,9 +81,11 @@ def _torch_state(
         def read(name: str, param: dict[str, Any] = param) -> Any:
             return tensors.get(manifests.state_key(param["name"], name, position))
 
+        # Element-wise state is stored in the parameter's memory order: the tensors get its layout back.
+        order = tuple(param["order"]) if param.get("order") else None
         if param.get("master"):
             master = read(manifests.MASTER)
-            masters[number] = (torch.zeros(0) if master is None else master).view(param["shape"])
+            masters[number] = shaped(torch.zeros(0) if master is None else master, tuple(param["shape"]), order)
         if not param["scalar_state"] and not param["tensor_state"]:
             continue
         # int64 scalars are Python ints in torch's state (SparseAdam's step).
@@ -91,7 +94,10 @@ def _torch_state(
             flat = read(name)
             if flat is None:  # a parameter of no elements
                 flat = torch.zeros(0, dtype=getattr(torch, param["dtype"]))
-            entry[name] = flat.view(param.get("state_shapes", {}).get(name, param["shape"]))
+            if name in param.get("state_shapes", {}):  # whole-tensor state of its own shape (Adafactor)
+                entry[name] = flat.view(param["state_shapes"][name])
+            else:
+                entry[name] = shaped(flat, tuple(param["shape"]), order)
         state[number] = entry
     if record.get("state"):  # state kept whole in the manifest (LBFGS), its vectors by reference
         state.update(decode(record["state"], tensor))
