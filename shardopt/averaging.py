@@ -301,12 +301,12 @@ class ShardedAveragedModel:
     @torch.no_grad()
     def _publish(self, shards: list[Tensor]) -> None:
         """Before: each rank holds its shard of some weights. After: every rank's parameters hold them all."""
-        comm = self._optimizer._comm
-        for buffer, shard in zip(self._buffers, shards):
-            full = torch.empty(buffer.layout.numel, dtype=buffer.dtype, device=buffer.device)
+        gathers = self._optimizer._gathers  # the step's own way into the parameters, a few buckets at a time
+        for index, (buffer, shard) in enumerate(zip(self._buffers, shards)):  # the optimizer's first buffers
+            full = gathers.staging(buffer)
             full[buffer.shard.slice].copy_(shard)
-            comm.all_gather(full, full[buffer.shard.slice], "the all-gather of swapped weights").wait()
-            buffer.write_params(full)
+            gathers.issue(index, buffer, full, "swapped weights")
+        gathers.wait_all()
 
 
 def _weights(buffer: ShardedBuffer) -> Tensor:

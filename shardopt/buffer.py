@@ -135,23 +135,18 @@ class ShardedBuffer:
             )
         return out
 
+    @torch.no_grad()
     def read_full(self, out: Tensor) -> Tensor:
         """Copy every parameter into its span of the flat ``out`` (gaps zeroed)."""
         if self.gap_index.numel():
             out.index_fill_(0, self.gap_index, 0)
-        for slot, param, order in zip(self.layout.slots, self.params, self.orders):
-            shaped(out[slot.span.slice], slot.shape, order).copy_(param.detach())
+        torch._foreach_copy_(self.views(out), self.params)
         return out
 
     @torch.no_grad()
     def write_params(self, full: Tensor) -> None:
         """Copy the flat ``full`` (every rank's shard, gathered) into the parameters."""
-        params, views = [], []
-        for slot, param, order in zip(self.layout.slots, self.params, self.orders):
-            if slot.span.size:
-                params.append(param)
-                views.append(shaped(full[slot.span.slice], slot.shape, order))
-        torch._foreach_copy_(params, views)
+        torch._foreach_copy_(self.params, self.views(full))
         if self.master is not None:
             self._marks = _marks(self.params)
 
@@ -239,20 +234,6 @@ class ShardedBuffer:
     def flat_grad(self, slot: int, grad: Tensor) -> Tensor:
         """Parameter ``slot``'s gradient as one dimension in its span's order, in the reduction's dtype."""
         return flattened(grad, self.orders[slot]).to(self.grad_dtype)
-
-    def flatten_grads(self, out: Tensor) -> list[int]:
-        """Write every parameter's ``.grad`` into its span of ``out``; returns :meth:`grad_codes`.
-
-        Missing and sparse gradients leave zeros (a sparse one is an error the caller raises on
-        every rank). Alignment gaps of ``out`` are left as they are: callers hand a zeroed buffer.
-        """
-        codes = self.grad_codes()
-        for view, param, code in zip(self.views(out), self.params, codes):
-            if code != DENSE:
-                view.zero_()
-            elif param.grad.data_ptr() != view.data_ptr() or param.grad.stride() != view.stride():
-                view.copy_(param.grad)
-        return codes
 
     def bind_grads(self, full: Tensor, has_grad: list[bool]) -> None:
         """Give the parameters that have a gradient the reduced one in ``full``: views of it, or

@@ -35,10 +35,14 @@ CLOSURE_AFTER_REDUCTION = (
 
 def owner(optimizer: Any) -> Any:
     """The object that holds a shardopt optimizer's state: ``optimizer`` itself, or the one a framework's
-    wrapper wraps. Fabric's and Lightning's wrappers take the optimizer's class (so its methods run with
-    the wrapper as ``self``) and forward attribute reads; what a method writes would stay on the wrapper."""
-    while "_comm" not in vars(optimizer) and isinstance(vars(optimizer).get("_optimizer"), torch.optim.Optimizer):
-        optimizer = vars(optimizer)["_optimizer"]
+    wrapper wraps (Fabric's and Lightning's in ``_optimizer``, Accelerate's in ``optimizer``). Fabric's and
+    Lightning's take the optimizer's class (so its methods run with the wrapper as ``self``) and forward
+    attribute reads; what a method writes would stay on the wrapper."""
+    while "_comm" not in vars(optimizer):
+        inner = vars(optimizer).get("_optimizer", vars(optimizer).get("optimizer"))
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
     return optimizer
 
 

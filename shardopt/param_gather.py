@@ -21,7 +21,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -75,16 +74,15 @@ class ParamGathers:
             return
         full = buffer.read_full(self.staging(buffer))
         self._comm.broadcast_(full, "the broadcast of the initial parameters").wait()
-        with torch.no_grad():
-            buffer.write_params(full)
+        buffer.write_params(full)
         self._taken -= 1
         self._pool.give(full)
 
-    def issue(self, index: int, buffer: ShardedBuffer, full: Tensor) -> None:
+    def issue(self, index: int, buffer: ShardedBuffer, full: Tensor, what: str = "updated parameters") -> None:
         """All-gather the updated ``full[buffer.shard]`` of every rank into ``full``; then into the parameters."""
         self._taken -= 1
         shard = full[buffer.shard.slice]
-        pending = self._comm.all_gather(full, shard, "the all-gather of updated parameters")
+        pending = self._comm.all_gather(full, shard, f"the all-gather of {what}")
         self._in_flight.append(_Gather(index, buffer, full, pending))
 
     def issued_all(self) -> None:
@@ -101,8 +99,7 @@ class ParamGathers:
 
     def _finish(self, gather: _Gather) -> None:
         gather.pending.wait()
-        with torch.no_grad():
-            gather.buffer.write_params(gather.full)
+        gather.buffer.write_params(gather.full)
         self._pool.give(gather.full)
 
     def before_forward(self, module: nn.Module) -> None:

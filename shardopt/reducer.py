@@ -514,7 +514,7 @@ class GradReducer:
                 window.codes = buffer.grad_codes()
                 if any(grad is not kept for grad, kept in zip(grads, bound)):
                     # Replaced or set to None since: taken as it is, as torch.optim takes p.grad after DDP.
-                    buffer.flatten_grads(buffer.full_grad)
+                    self._absorb_full(list(range(window.size)), index)
             elif window.launched and (window.late or grads.count(None) < window.size):
                 window.late = True
                 window.codes = [old | new for old, new in zip(window.codes, buffer.grad_codes())]

@@ -27,7 +27,7 @@ import torch
 from transformers import Trainer
 
 from .. import checkpoint
-from ..grad_checks import GradChecks
+from ..grad_checks import GradChecks, owner
 from ..lbfgs import ShardedLBFGS
 
 #: The folder of a Trainer checkpoint that holds the shardopt checkpoint.
@@ -37,9 +37,8 @@ FOLDER = "shardopt"
 def sharded(optimizer: object) -> torch.optim.Optimizer | None:
     """The shardopt optimizer inside the wrappers frameworks put around it (Accelerate's
     ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``), or None if there is none."""
-    while optimizer is not None and not isinstance(optimizer, (GradChecks, ShardedLBFGS)):
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer
+    inner = owner(optimizer)
+    return inner if isinstance(inner, (GradChecks, ShardedLBFGS)) else None
 
 
 class ShardedTrainer(Trainer):
