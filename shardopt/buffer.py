@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .layout import BufferLayout
 from .memory_order import Order, flattened, memory_order, shaped
+from .taken_grad import TakenGrad
 
 # Parameter dtypes that get fp32 master weights (``master_weights``).
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -27,7 +28,9 @@ NO_GRAD, DENSE, SPARSE = 0, 1, 2
 
 
 def grad_code(grad: Tensor | None) -> int:
-    """What a ``.grad`` holds: NO_GRAD, DENSE or SPARSE."""
+    """What a ``.grad`` holds: NO_GRAD, DENSE or SPARSE (a TakenGrad: what autograd added to it)."""
+    if isinstance(grad, TakenGrad):
+        grad = grad.incoming
     return NO_GRAD if grad is None else SPARSE if grad.is_sparse else DENSE
 
 

@@ -465,13 +465,17 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         stray = torch.tensor([float(p.grad is not None) for _, _, p in self._unsharded], dtype=torch.float64)
         problems = torch.tensor([float(p is not None) for p in self._reducer.problems], dtype=torch.float64)
         kinds = torch.tensor([_kind(buffer) for buffer in self._buffers], dtype=torch.float64)
+        dropped = self._reducer.dropped_flags()
+        stale = torch.tensor([float(self._reducer.stale)], dtype=torch.float64)
         tail = torch.tensor(closure_loss.tail(loss), dtype=torch.float64)
-        parts = [dense, sparse, late, stray, problems, kinds, tail]
+        parts = [dense, sparse, late, stray, problems, kinds, dropped, stale, tail]
         agreed = torch.cat(parts).to(self._comm.device)
         self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()").wait()
-        dense, sparse, late, stray, problems, all_kinds, tail = agreed.cpu().split([len(part) for part in parts])
+        split = agreed.cpu().split([len(part) for part in parts])
+        dense, sparse, late, stray, problems, all_kinds, dropped, stale, tail = split
         if problems.any() or not torch.equal(all_kinds, kinds * self._comm.world_size):
             self._refuse_change(problems, all_kinds != kinds * self._comm.world_size)
+        self._refuse_custody(dropped, int(stale.item()))
         known = self._reducer.known_sparse()
         if sparse.any() or known is not None:
             self._refuse_sparse(dense, sparse, known)
@@ -484,6 +488,27 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
             )
         loss = closure_loss.agreed(loss, tail.tolist(), self._comm.world_size)
         return dense + sparse > 0, sparse > 0, (late > 0).tolist(), loss
+
+    def _refuse_custody(self, dropped: Tensor, stale: int) -> None:
+        """Stage 2: raise, on every rank, where torch would have used a gradient the reduction no longer
+        holds (``stale``: ranks whose backward added to a gradient an earlier step took), or where some
+        ranks dropped a parameter's gradient after backward and others did not (``dropped``: how many)."""
+        if stale:
+            raise RuntimeError(
+                f"on {stale} rank(s) a backward added to gradients that the last step() already took (no "
+                "zero_grad() after step()): torch.optim would add that old gradient, but at stage 2 it is gone; "
+                "call optimizer.zero_grad() (or model.zero_grad()) after each step(), or use stage=1"
+            )
+        apart = (dropped > 0) & (dropped < self._comm.world_size)
+        if apart.any():
+            position = int(apart.nonzero()[0])
+            g, i = self._position(position)
+            raise RuntimeError(
+                f"{self._describe(self.param_groups[g], g, i)} had its gradient dropped after backward "
+                f"(p.grad set to None, replaced or zeroed) on {int(dropped[position])} of {self._comm.world_size} "
+                "ranks: at stage 2 backward already summed the ranks' gradients, so every rank must drop it "
+                "alike (model.zero_grad() on every rank), or use stage=1"
+            )
 
     def _refuse_change(self, problems: Tensor, apart: Tensor) -> None:
         """Raise, on every rank, for the first buffer whose parameters changed in a way it cannot follow

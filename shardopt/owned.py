@@ -7,6 +7,7 @@ alone keeps its state and runs torch's own update on it. One step, on every rank
 
     closure (if any) -> agree: which parameters have a gradient on any rank, the mean loss
     -> all-reduce the gradients (one flat buffer per dtype) -> the mean gradient in every p.grad
+       (these two at the end of backward, as DDP reduces, unless DDP did)
     -> this rank's torch optimizer updates the parameters it owns
     -> all-gather the updated parameters from their owners (one flat buffer per dtype)
 """
@@ -40,7 +41,7 @@ class OwnedOptimizer(ReplicatedOptimizer):
         timeout: seconds (or a timedelta) any collective of ours may wait before raising.
         **kwargs: the algorithm's keywords, with torch.optim's names, defaults and validation.
 
-    After ``step()`` every ``p.grad`` holds the reduced gradient, as under DDP. Construction,
+    When ``backward()`` returns, every ``p.grad`` holds the reduced gradient, as under DDP. Construction,
     ``step``, ``clip_grad_norm_``, ``state_dict``, ``load_state_dict`` and ``add_param_group`` are
     collective: every rank calls them, in the same order.
     """
@@ -70,6 +71,8 @@ class OwnedOptimizer(ReplicatedOptimizer):
             timeout=timeout,
             kwargs=kwargs,
         )
+
+    REDUCES_IN_BACKWARD = True
 
     def _prepare(self) -> None:
         self._owner: dict[Tensor, int] = {}
@@ -105,8 +108,8 @@ class OwnedOptimizer(ReplicatedOptimizer):
     # ------------------------------------------------------------------ step
 
     def _reduce_grads(self, present: list[Tensor]) -> None:
-        """Collective: the reduced gradient in every present ``p.grad``, on every rank."""
-        if self._grad_reduction is not None:
+        """Collective: the reduced gradient in every present ``p.grad``, on every rank (DDP's, as it is)."""
+        if self._grad_reduction is not None and not self._by_ddp:
             # A parameter with a gradient on some rank only counts zero on the others.
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in present]
             mean = self._grad_reduction == "mean"

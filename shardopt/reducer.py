@@ -41,7 +41,6 @@ holding a parameter sparse in an earlier step reduces only the ranges around it.
 from __future__ import annotations
 
 import operator
-import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ import torch
 from torch import Tensor
 
 from . import sparse_exchange
+from .backward_hooks import BackwardHooks
 from .buffer import DENSE, NO_GRAD, SPARSE, ShardedBuffer, grad_code
 from .comm import Comm, Pending
 from .ddp_watch import DDPWatch
@@ -58,6 +58,7 @@ from .phases import BACKWARD, DDP_FORWARD
 from .ring import PartsPlan, parts_plan
 from .sparse_grads import add_entries, dense_ranges, reduce_ranges
 from .staging import PoolKey, StagingPool
+from .taken_grad import TakenGrad
 
 # Staging buffers (each as long as the longest bucket) per dtype and device: two reductions in
 # flight keep the link busy while a third bucket fills, and a fourth absorbs buckets that
@@ -80,6 +81,9 @@ class _Round:
     into: Tensor  # where the result lands
     accumulate: bool  # add ``into`` to the gradient shard once done (a second round)
     done: bool = False
+    # Stage 2: parameters whose gradient was dropped (model.zero_grad()) after this round was issued and
+    # before the next: their pieces of the gradient shard are zeroed once it is done.
+    dropped: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -134,7 +138,7 @@ class GradReducer:
         self.accumulating = False
         # A rank that goes on training past a call the others are in is named there (phases.py).
         self._watch = DDPWatch(lambda: comm.mark(DDP_FORWARD))
-        self._queued = False  # the end-of-backward callback is queued for the backward under way
+        self._hooks = BackwardHooks(self.end_of_backward, self.arrived)
         self._in_backward = False  # stage 1: this backward's reduction is under way (entered on the board)
         # Per buffer: DDP reduced its gradients (they are taken as they are); stage 1: the gradients
         # a backward's reduction put in p.grad (None where a parameter got none), its full gradient
@@ -144,6 +148,14 @@ class GradReducer:
         self._bound: list[list[Tensor | None] | None] = []
         self._storage: list[Tensor | None] = []
         self._full_views: list[list[Tensor]] = []
+        # Stage 2, per buffer and parameter: the TakenGrad it leaves in p.grad (made once), whether one
+        # was left there since the last step, and whether the gradient taken was dropped since.
+        self._taken: list[list[TakenGrad | None]] = []
+        self._placed: list[list[bool]] = []
+        self._dropped: list[list[bool]] = []
+        self._looked = False  # stage 2: this backward looked for dropped gradients at its first arrival
+        #: Stage 2: a backward added to a gradient an earlier step() took (no zero_grad() after it).
+        self.stale = False
         #: Per buffer: what it cannot follow of what was done to its parameters, as (slot, what
         #: happened), None where it can; step() raises on every rank, and such a buffer is not reduced.
         self.problems: list[tuple[int, str] | None] = []
@@ -155,6 +167,9 @@ class GradReducer:
         self._sparse.append(set())
         self._dense_ranges.append(None)
         self.problems.append(None)
+        self._taken.append([None] * len(buffer.params))
+        self._placed.append([False] * len(buffer.params))
+        self._dropped.append([False] * len(buffer.params))
         self._by_ddp.append(False)
         self._bound.append(None)
         self._storage.append(None)
@@ -166,12 +181,7 @@ class GradReducer:
         if self._reduce:
             self._watch.add(buffer.params)
             index = len(self._buffers) - 1
-            handles = [
-                param.register_post_accumulate_grad_hook(_arrival_hook(weakref.ref(self), index, slot))
-                for slot, param in enumerate(buffer.params)
-            ]
-            # Hooks outlive an optimizer that is dropped; they must not launch collectives for it.
-            weakref.finalize(self, _remove_all, handles)
+            self._hooks.add(buffer.params, [(index, slot) for slot in range(len(buffer.params))])
 
     def _window(self, buffer: ShardedBuffer) -> _Window:
         window = _Window(len(buffer.params))
@@ -215,9 +225,9 @@ class GradReducer:
 
     # ------------------------------------------------------------------ backward
 
-    def arrived(self, index: int, slot: int) -> None:
-        """Parameter ``slot`` of buffer ``index`` has its gradient (called from backward)."""
-        self._queue_end_of_backward()
+    def arrived(self, where: tuple[int, int]) -> None:
+        """Parameter ``slot`` of buffer ``index`` (``where``) has its gradient (called from backward)."""
+        index, slot = where
         if self.accumulating:
             return  # the gradient stays in p.grad, where autograd adds the next micro-batch's to it
         under_ddp = self._watch.reduces()
@@ -229,6 +239,9 @@ class GradReducer:
             # Its collectives are waited before backward returns: a rank that never joins is named from there.
             self._comm.enter(BACKWARD)
             self._in_backward = True
+        if self._stage == 2 and not self._looked:
+            self._looked = True
+            self._look_for_drops()
         window = self._windows[index]
         if window.launched:
             window.late = True
@@ -271,16 +284,11 @@ class GradReducer:
             self._finish(self._in_flight.popleft())
         return pool.take(buffer.layout.numel, key)
 
-    def _queue_end_of_backward(self) -> None:
-        if not self._queued:
-            self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(_end_of_backward(weakref.ref(self)))
-
     def end_of_backward(self) -> None:
         """Backward has ended. Stage 1 (unless DDP reduced it): every buffer is reduced now, and p.grad
         holds the mean gradient when backward returns, as under DDP."""
-        self._queued = False
         self._watch.backward_ended()
+        self._looked = False
         if not self._in_backward:
             return  # stage 2 (its reductions are waited in step()), no_sync(), or DDP's backward
         try:
@@ -305,7 +313,7 @@ class GradReducer:
             return
         window, buffer = self._windows[index], self._buffers[index]
         param = buffer.params[slot]
-        grad, first = param.grad, not window.arrived[slot]
+        grad, first = self._new_grad(index, slot), not window.arrived[slot]
         code = grad_code(grad)
         if window.held is not None:
             if code == DENSE:
@@ -328,7 +336,56 @@ class GradReducer:
             kept = window.sparse_grads.get(slot)
             window.sparse_grads[slot] = grad if kept is None else kept + grad
         window.codes[slot] |= code
-        param.grad = None
+        if code == DENSE:
+            param.grad = self._taken_grad(index, slot)
+            self._placed[index][slot] = True
+        elif code == SPARSE:
+            param.grad = None
+
+    def _taken_grad(self, index: int, slot: int) -> TakenGrad:
+        """Stage 2: what parameter ``slot`` of buffer ``index`` holds in p.grad once its gradient is taken."""
+        taken, param = self._taken[index][slot], self._buffers[index].params[slot]
+        if taken is None or taken.dtype != param.dtype or taken.device != param.device:
+            taken = self._taken[index][slot] = TakenGrad.like(param)
+        taken.incoming, taken.zeroed = None, False
+        return taken
+
+    def _new_grad(self, index: int, slot: int) -> Tensor | None:
+        """Stage 2: the gradient parameter ``slot`` of buffer ``index`` has that this round did not take
+        yet: what autograd added to its TakenGrad, or what p.grad holds instead of one."""
+        grad = self._buffers[index].params[slot].grad
+        if isinstance(grad, TakenGrad):
+            if not self._placed[index][slot] and not grad.zeroed:
+                self.stale = True  # added to a gradient that step() took: torch would add that one too
+            grad, grad.incoming = grad.incoming, None
+        return grad
+
+    def _look_for_drops(self) -> None:
+        """Stage 2: every parameter whose TakenGrad is gone from p.grad (set to None, replaced) or was
+        zeroed had its gradient dropped, as torch would drop it: what was taken of it is dropped too."""
+        for index, buffer in enumerate(self._buffers):
+            placed = self._placed[index]
+            for slot, grad in enumerate(_grads(buffer)):
+                there = isinstance(grad, TakenGrad) and not grad.zeroed  # a cast model's gradients are cast ones
+                if placed[slot] and not there:
+                    self._drop(index, slot)
+                elif not placed[slot] and there:
+                    self.stale = True  # left in p.grad by an earlier step: torch would take that gradient again
+
+    def _drop(self, index: int, slot: int) -> None:
+        window = self._windows[index]
+        self._placed[index][slot] = False
+        self._dropped[index][slot] = True
+        window.codes[slot] = NO_GRAD
+        if window.launched:
+            if window.rounds:  # issued already: its pieces of the shard are zeroed once the reduction is done
+                window.rounds[-1].dropped.append(slot)
+            return
+        if window.arrived[slot]:
+            window.arrived[slot] = False  # the next gradient is copied over it, or zeros at the launch
+            window.arrived_count -= 1
+        if window.held is not None:
+            window.held[slot] = None
 
     def _full(self, index: int) -> Tensor:
         """Stage 1: buffer ``index``'s full gradient, and one flag per parameter after it."""
@@ -492,6 +549,10 @@ class GradReducer:
             round_.pending.wait()
         if round_.accumulate:
             round_.buffer.grad_shard.add_(round_.into)
+        if round_.dropped:
+            for piece in round_.buffer.pieces:
+                if piece.slot in round_.dropped:
+                    round_.buffer.grad_shard[piece.in_shard.slice].zero_()
         if round_.staging is not None:
             self._pool.give(round_.staging)
 
@@ -505,6 +566,8 @@ class GradReducer:
         again; where some p.grad is no longer what that reduction left there (replaced, or set to
         None), the step takes what p.grad holds now.
         """
+        if self._stage == 2:
+            self._look_for_drops()
         for index, (window, buffer) in enumerate(zip(self._windows, self._buffers)):
             # map(attrgetter) runs at C speed: this is the one look at every parameter a step takes.
             grads = _grads(buffer)
@@ -515,7 +578,7 @@ class GradReducer:
                 if any(grad is not kept for grad, kept in zip(grads, bound)):
                     # Replaced or set to None since: taken as it is, as torch.optim takes p.grad after DDP.
                     self._absorb_full(list(range(window.size)), index)
-            elif window.launched and (window.late or grads.count(None) < window.size):
+            elif window.launched and (window.late or _any_new(grads)):
                 window.late = True
                 window.codes = [old | new for old, new in zip(window.codes, buffer.grad_codes())]
         self._launch_in_order(until_incomplete=False)
@@ -525,6 +588,10 @@ class GradReducer:
         codes = torch.cat([_as_tensor(w.codes) for w in self._windows] or [torch.zeros(0, dtype=torch.int64)])
         late = torch.tensor([float(w.late) for w in self._windows], dtype=torch.float64)
         return (codes & DENSE != 0).double(), (codes & SPARSE != 0).double(), late
+
+    def dropped_flags(self) -> Tensor:
+        """Stage 2, per parameter: whether this rank dropped the gradient taken of it since the last step."""
+        return torch.tensor([float(flag) for flags in self._dropped for flag in flags], dtype=torch.float64)
 
     def launch_late(self, late: list[bool]) -> None:
         """A second round for the buffers late on any rank (every rank calls this with the same flags)."""
@@ -605,10 +672,18 @@ class GradReducer:
         self._next = 0
         self._by_ddp = [False] * len(self._buffers)
         self._bound = [None] * len(self._buffers)
+        self._placed = [[False] * len(buffer.params) for buffer in self._buffers]
+        self._dropped = [[False] * len(buffer.params) for buffer in self._buffers]
+        self.stale = False
 
 
 def _grads(buffer: ShardedBuffer) -> list[Tensor | None]:
     return list(map(_GRAD, buffer.params))
+
+
+def _any_new(grads: list[Tensor | None]) -> bool:
+    """Whether some of ``grads`` holds a gradient not taken yet (a TakenGrad: only what was added to it)."""
+    return any(g is not None and (type(g) is not TakenGrad or g.incoming is not None) for g in grads)
 
 
 def _as_tensor(codes: list[int]) -> Tensor:
@@ -616,26 +691,3 @@ def _as_tensor(codes: list[int]) -> Tensor:
     if codes.count(DENSE) == len(codes):
         return torch.full((len(codes),), DENSE, dtype=torch.int64)
     return torch.tensor(codes, dtype=torch.int64)
-
-
-def _arrival_hook(reducer: weakref.ref[GradReducer], index: int, slot: int) -> Callable[[Tensor], None]:
-    def on_gradient(param: Tensor) -> None:
-        live = reducer()
-        if live is not None:
-            live.arrived(index, slot)
-
-    return on_gradient
-
-
-def _end_of_backward(reducer: weakref.ref[GradReducer]) -> Callable[[], None]:
-    def callback() -> None:
-        live = reducer()
-        if live is not None:
-            live.end_of_backward()
-
-    return callback
-
-
-def _remove_all(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
-    for handle in handles:
-        handle.remove()

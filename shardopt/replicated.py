@@ -6,6 +6,12 @@ replicated, as under DDP. They share construction (torch's keyword validation, t
 every rank builds alike, the broadcast of the initial parameters), the groups' checks, and the
 sequence of a step: closure, agreement, reduction (which ``clip_grad_norm_`` and a GradScaler
 may run ahead of ``step()``: ``GradChecks``), then the subclass's update.
+
+A subclass whose reduced gradients are the whole mean in ``p.grad`` (``REDUCES_IN_BACKWARD``)
+reduces at the end of each backward, as DDP does, so code between backward and step (torch's
+``clip_grad_norm_``, ``model.zero_grad()`` to skip a batch) sees DDP's gradients; ``step()``
+then takes ``p.grad`` as it is. Under DDP (a forward through a DDP module that holds the
+parameters, ``ddp_watch.py``) backward's gradients are taken as DDP leaves them, not reduced again.
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import closure_loss, fingerprint, groups, owned_comm
+from .backward_hooks import BackwardHooks
 from .comm import Comm, OnGroup
+from .ddp_watch import DDPWatch
 from .grad_checks import GradChecks, on_owner
+from .phases import BACKWARD, DDP_FORWARD
 
 GRAD_REDUCTIONS = ("mean", "sum", None)
 OUR_KEYWORDS = ("process_group", "grad_reduction", "timeout")
@@ -39,6 +48,9 @@ class Reduced:
 class ReplicatedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
     """Base class: subclasses place each new group's parameters (:meth:`_place`), reduce their
     gradients (:meth:`_reduce_grads`) and update them (:meth:`_apply`)."""
+
+    #: The subclass's reduction leaves the mean in every p.grad: it runs at the end of backward.
+    REDUCES_IN_BACKWARD = False
 
     def __init__(
         self,
@@ -61,6 +73,12 @@ class ReplicatedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         self._grad_reduction = grad_reduction
         self._reduced: Reduced | None = None  # set by clip_grad_norm_ or a GradScaler until the step that follows
         self._scaler_checked = False  # shardopt.GradScaler looked at this step's gradients
+        self._by_ddp = False  # a backward since the last step was reduced by DDP: its p.grad is final
+        self._in_closure = False  # step() runs the closure: its backward is reduced by the step
+        self._from_backward: Reduced | None = None  # reduced at the end of backward, for what comes next
+        comm = self._comm
+        self._watch = DDPWatch(lambda: comm.mark(DDP_FORWARD))
+        self._hooks = BackwardHooks(self._backward_ended)
         #: Steps a GradScaler skipped because the mean gradient was not finite.
         self.skipped_steps = 0
         self._prepare()
@@ -91,6 +109,9 @@ class ReplicatedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._place(group)
+        if self.REDUCES_IN_BACKWARD and self._grad_reduction is not None and self._comm.world_size > 1:
+            self._watch.add(group["params"])
+            self._hooks.add(group["params"], range(len(group["params"])))
         # Every rank must start from the same parameters, as DDP ensures at construction.
         with torch.no_grad():
             owned_comm.broadcast_from_first(self._comm, group["params"], "the broadcast of the initial parameters")
@@ -133,8 +154,12 @@ class ReplicatedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         self._refuse_closure_after_reduction(closure)
         loss = None
         if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+            self._in_closure = True
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            finally:
+                self._in_closure = False
         self._comm.enter("step()", step=True)
         try:
             reduced = self._reduced or self._reduce(loss)
@@ -144,10 +169,23 @@ class ReplicatedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
                 else:
                     self._apply(reduced)
         finally:
-            self._reduced = None
+            self._forget_reduced()
             self._scaler_checked = False
             self._comm.leave()
         return reduced.loss
+
+    def _backward_ended(self) -> None:
+        """A backward that gave some of our parameters a gradient has ended: reduce now, as DDP would
+        have (the first half of step(), kept for it), unless DDP did or step()'s closure runs it."""
+        under_ddp = self._watch.reduces()
+        self._watch.backward_ended()
+        if under_ddp is not None:
+            self._by_ddp = self._by_ddp or under_ddp
+            return
+        if not self._in_closure:
+            self._from_backward = None  # a second backward adds to p.grad: reduced again, as DDP does
+            with self._comm.call(BACKWARD):
+                self._from_backward = self._reduce(None)
 
     def _reduce_grads(self, present: list[Tensor]) -> Any:
         """Collective: reduce the gradients of ``present``; returns what :attr:`Reduced.grads` keeps."""
@@ -158,13 +196,20 @@ class ReplicatedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         raise NotImplementedError
 
     def _reduce(self, loss: Any) -> Reduced:
-        """The first half of a step: the agreement on gradients and loss, then the reduction."""
+        """The first half of a step: the agreement on gradients and loss, then the reduction; or what
+        the end of backward reduced, where there is no closure's loss to agree on."""
+        if self._from_backward is not None and loss is None:
+            reduced, self._from_backward = self._from_backward, None
+            return reduced
+        self._from_backward = None
         present, loss = self._agree(loss)
         with torch.no_grad():
             return Reduced(present, self._reduce_grads(present), loss)
 
     def _forget_reduced(self) -> None:
         self._reduced = None
+        self._by_ddp = False
+        self._from_backward = None
 
     @on_owner
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -283,7 +283,9 @@ def test_whole_parameter_optimizers_name_a_rank_with_one_step_more_at_state_dict
     for algorithm in WHOLE_PARAMETER:
         for call in ("state_dict()", "load_state_dict()"):
             outcomes = [found[(algorithm, call)] for found in per_rank]
-            assert_rank_1_one_step_ahead(outcomes, call, MISMATCH_TIMEOUT, f"{algorithm} {call}")
+            # Adafactor reduces at the end of backward, as DDP does: rank 1's extra step waits there.
+            ahead = "backward after 1 step() call" if algorithm == "Adafactor" else "step() call 2"
+            assert_rank_1_one_step_ahead(outcomes, call, MISMATCH_TIMEOUT, f"{algorithm} {call}", ahead)
 
 
 def test_hashes_are_stable_and_a_world_of_one_checks_nothing() -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import shardopt
+from shardopt.taken_grad import TakenGrad
 from tests.common import assert_state_dicts_equal, assert_trajectories_close
 from tests.world import run_world
 
@@ -115,7 +116,8 @@ def gradient_handling(stage: int) -> dict[str, Any]:
     optimizer.step()
     expected = [sum(grad_for(r, 6, i) for r in range(world)) / world for i in range(len(params))]
     return {
-        "grads": [p.grad for p in params],
+        "grads": [None if isinstance(p.grad, TakenGrad) else p.grad for p in params],
+        "taken": [isinstance(p.grad, TakenGrad) for p in params],
         "expected": expected,
         "stats": optimizer.memory_stats(),
         "shard": optimizer._buffers[0].layout.shard_numel,
@@ -128,8 +130,8 @@ def test_stage_decides_what_p_grad_holds_after_step(stage: int) -> None:
     if stage == 1:  # the mean gradient, as under DDP
         for grad, expected in zip(result["grads"], result["expected"]):
             torch.testing.assert_close(grad, expected)
-    else:  # released: this rank keeps only its shard of the reduced gradient
-        assert all(grad is None for grad in result["grads"])
+    else:  # taken: this rank keeps only its shard of the reduced gradient; p.grad holds no values
+        assert all(result["taken"])
     float32_numel = sum(torch.Size(s).numel() for s, d in zip(SHAPES, DTYPES) if d == torch.float32)
     if stage == 1:
         assert result["stats"]["grad_bytes"] >= float32_numel * 4
@@ -286,7 +288,7 @@ def backward_with_unused(options: dict[str, Any]) -> tuple[list[torch.Tensor], l
     for step in range(6):
         optimizer.zero_grad()
         partial_loss(model, rank, step).backward()
-        released.append([p.grad is None for p in model.parameters()])
+        released.append([p.grad is None or isinstance(p.grad, TakenGrad) for p in model.parameters()])
         optimizer.step()
         trajectory.append(flat_params(model))
     return trajectory, released
@@ -321,7 +323,8 @@ def test_parameters_unused_on_some_ranks_in_backward(layout: str, stage: int) ->
         # gradient in p.grad when backward returns, on every rank, the one left out of the graph too.
         assert per_rank[0][1] == per_rank[1][1] == [[False] * 5] * 6
         return
-    # Each gradient is copied into its bucket's staging buffer and released as backward produces it, so
-    # after backward no p.grad is left on either rank, even where a bucket waits for step() (rank 1 at odd
-    # steps: ``scale``, the first parameter and so last in the launch order, gets no gradient there).
+    # Each gradient is copied into its bucket's staging buffer and taken as backward produces it, so
+    # after backward no p.grad holds values on either rank (a TakenGrad, or None where none came), even
+    # where a bucket waits for step() (rank 1 at odd steps: ``scale``, the first parameter and so last in
+    # the launch order, gets no gradient there).
     assert per_rank[0][1] == per_rank[1][1] == [[True] * 5] * 6

@@ -29,6 +29,9 @@ STEPS = 6
 ALGORITHMS = {
     "AdamW": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
     "SGD": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    # Sharded by whole tensors (owners), reduced at the end of backward rather than bucket by bucket.
+    "Adafactor": (torch.optim.Adafactor, {"lr": 1e-2}),
+    "Muon": (torch.optim.Muon, {"lr": 1e-2}),  # matrices only: the other parameters are frozen
 }
 NAN_AT = 2  # the iteration whose loss is made NaN on every rank, then skipped
 
@@ -42,6 +45,22 @@ def iteration(model: nn.Module, optimizer: torch.optim.Optimizer, pattern: str, 
         optimizer.step()
         optimizer.zero_grad()
         return norm.item()
+    if pattern == "clip-optimizer":  # shardopt's own clipping, torch's under DDP
+        loss_of(model, rank, step).backward()
+        clip = getattr(optimizer, "clip_grad_norm_", None)
+        norm = clip(0.05) if clip is not None else nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.05)
+        optimizer.step()
+        optimizer.zero_grad()
+        return norm.item()
+    if pattern.startswith("skip-by-loss"):  # "-zeroed": zero_grad(set_to_none=False)
+        loss = loss_of(model, rank, step) * (math.nan if step == NAN_AT else 1.0)
+        loss.backward()
+        if not torch.isfinite(loss):
+            model.zero_grad(set_to_none=not pattern.endswith("zeroed"))
+            return "skipped"
+        optimizer.step()
+        model.zero_grad()
+        return loss.item()
     if pattern == "skip-nonfinite":
         loss = loss_of(model, rank, step) * (math.nan if step == NAN_AT else 1.0)
         loss.backward()
@@ -72,16 +91,20 @@ def iteration(model: nn.Module, optimizer: torch.optim.Optimizer, pattern: str, 
     raise ValueError(pattern)
 
 
-def train(algorithm: str, pattern: str, sharded: bool) -> dict[str, Any]:
+def train(algorithm: str, pattern: str, sharded: bool, stage: int = 1) -> dict[str, Any]:
     import torch.distributed as dist
 
     rank = dist.get_rank()
     torch_class, kwargs = ALGORITHMS[algorithm]
     model = make_model()
+    if algorithm == "Muon":
+        for param in model.parameters():
+            param.requires_grad_(param.dim() == 2)
+    params = [param for param in model.parameters() if param.requires_grad]
     if sharded:
-        optimizer = shardopt.ShardedOptimizer(model.parameters(), torch_class, **kwargs)
+        optimizer = shardopt.ShardedOptimizer(params, torch_class, **kwargs, **({"stage": 2} if stage == 2 else {}))
     else:
-        optimizer = torch_class(model.parameters(), **kwargs)
+        optimizer = torch_class(params, **kwargs)
     # torch.optim runs under DDP always; shardopt in a plain loop, or under DDP made after it (frameworks).
     wrapped = nn.parallel.DistributedDataParallel(model) if not sharded or pattern.startswith("ddp") else model
     returned, trajectory = [], []
@@ -97,7 +120,21 @@ PATTERNS = ["clip", "skip-nonfinite", "accumulate", "ddp-no_sync"]
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_p_grad_patterns_train_as_under_ddp_with_torch_optim(algorithm: str, pattern: str) -> None:
-    ours = run_world(train, WORLD, algorithm, pattern, True)
+    assert_like_ddp(algorithm, pattern, stage=1)
+
+
+# Stage 2 takes the gradients at backward: the patterns that do not read p.grad's values.
+STAGE_2_PATTERNS = ["clip-optimizer", "skip-by-loss", "skip-by-loss-zeroed", "accumulate", "ddp-no_sync"]
+
+
+@pytest.mark.parametrize("pattern", STAGE_2_PATTERNS)
+@pytest.mark.parametrize("algorithm", ["AdamW", "SGD"])
+def test_stage_2_patterns_that_drop_or_add_gradients_train_as_under_ddp(algorithm: str, pattern: str) -> None:
+    assert_like_ddp(algorithm, pattern, stage=2)
+
+
+def assert_like_ddp(algorithm: str, pattern: str, stage: int) -> None:
+    ours = run_world(train, WORLD, algorithm, pattern, True, stage)
     reference = run_world(train, WORLD, algorithm, pattern, False)
     for rank, (mine, theirs) in enumerate(zip(ours, reference)):
         label = f"{algorithm} {pattern} rank {rank}"
@@ -105,6 +142,43 @@ def test_p_grad_patterns_train_as_under_ddp_with_torch_optim(algorithm: str, pat
             expected = pytest.approx(b, rel=1e-5, abs=1e-6) if isinstance(b, float) else b
             assert a == expected, f"{label}: returned at step {step}"
         assert_trajectories_close(mine["trajectory"], theirs["trajectory"], label)
-        if pattern == "skip-nonfinite":
+        if pattern.startswith("skip"):
             assert mine["returned"][NAN_AT] == "skipped"
             assert torch.isfinite(mine["trajectory"][-1]).all()
+
+
+def stage_2_misuse() -> dict[str, str]:
+    """What each rank raised, per case, where stage 2 cannot give torch's result: torch's clip_grad_norm_
+    reading p.grad, a backward added to a gradient the last step took, one rank alone dropping one."""
+    import torch.distributed as dist
+
+    rank, found = dist.get_rank(), {}
+    for case in ("torch clip", "no zero_grad after step", "dropped on one rank"):
+        model = make_model()
+        optimizer = shardopt.AdamW(model.named_parameters(), lr=1e-2, stage=2)
+        try:
+            loss_of(model, rank, 0).backward()
+            if case == "torch clip":
+                nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.05)
+            elif case == "no zero_grad after step":
+                optimizer.step()
+                loss_of(model, rank, 1).backward()
+            elif rank == 0:
+                model.out.bias.grad = None
+            optimizer.step()
+            found[case] = "no error"
+        except RuntimeError as error:
+            found[case] = str(error)
+        # Training goes on from a fresh gradient.
+        optimizer.zero_grad()
+        loss_of(model, rank, 2).backward()
+        optimizer.step()
+    return found
+
+
+def test_stage_2_raises_on_every_rank_where_it_cannot_give_torchs_result() -> None:
+    for rank, found in enumerate(run_world(stage_2_misuse, WORLD)):
+        assert "clip with optimizer.clip_grad_norm_(max_norm)" in found["torch clip"], (rank, found)
+        assert "no zero_grad() after step()" in found["no zero_grad after step"], (rank, found)
+        dropped = found["dropped on one rank"]
+        assert "out.bias" in dropped and "on 1 of 2 ranks" in dropped, (rank, found)
