@@ -19,11 +19,12 @@ import torch
 
 from tests.common import flat_params, make_model
 from tests.frameworks import ALGORITHMS, WORLD, compare_with_torch, make_optimizer, torchrun_environment
+from tests.world import run_world
 
 EPOCHS, BATCH, SAMPLES = 2, 4, 24  # 24 samples over 2 ranks in batches of 4: 3 batches per rank and epoch
 
 
-def _module(algorithm: str, sharded: bool) -> Any:
+def _module(algorithm: str, sharded: bool, **ours: Any) -> Any:
     import lightning.pytorch as pl
 
     class Module(pl.LightningModule):
@@ -39,13 +40,23 @@ def _module(algorithm: str, sharded: bool) -> Any:
             return loss
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
-            return make_optimizer(self.parameters(), algorithm, sharded)
+            return make_optimizer(self.parameters(), algorithm, sharded, **ours)
 
     return Module()
 
 
-def _fit(algorithm: str, sharded: bool, directory: pathlib.Path, accumulation: int, ckpt: str | None = None) -> Any:
+def _fit(
+    algorithm: str,
+    sharded: bool,
+    directory: pathlib.Path,
+    accumulation: int,
+    ckpt: str | None = None,
+    own: bool = False,
+) -> Any:
+    """One fit; ``own``: shardopt reduces the gradients itself (ShardoptStrategy, stage 2) instead of DDP."""
     import lightning.pytorch as pl
+
+    from shardopt.integrations.lightning import ShardoptStrategy
 
     generator = torch.Generator().manual_seed(3)
     inputs, targets = torch.randn(SAMPLES, 7, generator=generator), torch.randn(SAMPLES, 3, generator=generator)
@@ -54,7 +65,7 @@ def _fit(algorithm: str, sharded: bool, directory: pathlib.Path, accumulation: i
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=WORLD,
-        strategy="ddp",
+        strategy=ShardoptStrategy() if own else "ddp",
         max_epochs=EPOCHS,
         gradient_clip_val=0.05,
         accumulate_grad_batches=accumulation,
@@ -63,21 +74,20 @@ def _fit(algorithm: str, sharded: bool, directory: pathlib.Path, accumulation: i
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    module = _module(algorithm, sharded)
+    module = _module(algorithm, sharded, **({"stage": 2} if own else {}))
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=BATCH), ckpt_path=ckpt)
     return module
 
 
-def lightning_runs(algorithm: str, sharded: bool, directory: pathlib.Path) -> dict[str, Any]:
+def lightning_runs(algorithm: str, sharded: bool, directory: pathlib.Path, own: bool = False) -> dict[str, Any]:
     torchrun_environment()
     results = {}
+    name = f"{algorithm}-{sharded}-{own}"
     for accumulation in (1, 3):
-        out = directory / f"{algorithm}-{sharded}-{accumulation}"
-        module = _fit(algorithm, sharded, out, accumulation)
+        module = _fit(algorithm, sharded, directory / f"{name}-{accumulation}", accumulation, own=sharded and own)
         results[f"accumulation {accumulation}"] = {"losses": module.losses, "params": flat_params(module.net)}
-    first = directory / f"{algorithm}-{sharded}-1"
-    (epoch0,) = sorted(first.glob("epoch=0-*.ckpt"))
-    resumed = _fit(algorithm, sharded, directory / f"{algorithm}-{sharded}-resumed", 1, str(epoch0))
+    (epoch0,) = sorted((directory / f"{name}-1").glob("epoch=0-*.ckpt"))
+    resumed = _fit(algorithm, sharded, directory / f"{name}-resumed", 1, str(epoch0), own=sharded and own)
     results["resumed"] = {"losses": resumed.losses, "params": flat_params(resumed.net)}
     return results
 
@@ -89,3 +99,34 @@ def test_lightning_trainer_trains_and_resumes_shardopt_as_torch_optim(algorithm:
         uninterrupted, resumed = mine["accumulation 1"], mine["resumed"]
         assert torch.equal(resumed["params"], uninterrupted["params"]), f"{algorithm} rank {rank}: resume"
         assert resumed["losses"] == uninterrupted["losses"][len(uninterrupted["losses"]) // EPOCHS :]
+
+
+def lightning_runs_without_ddp(algorithm: str, sharded: bool, directory: pathlib.Path) -> dict[str, Any]:
+    """shardopt at stage 2 under ShardoptStrategy (no DDP); the reference is DDP with torch.optim."""
+    return lightning_runs(algorithm, sharded, directory, own=True)
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_shardopt_strategy_trains_stage_2_without_ddp_as_ddp_with_torch_optim(
+    algorithm: str, tmp_path: pathlib.Path
+) -> None:
+    names = ("accumulation 1", "accumulation 3", "resumed")
+    ours, _ = compare_with_torch(lightning_runs_without_ddp, algorithm, tmp_path, names)
+    for rank, mine in enumerate(ours):
+        uninterrupted, resumed = mine["accumulation 1"], mine["resumed"]
+        assert torch.equal(resumed["params"], uninterrupted["params"]), f"{algorithm} rank {rank}: resume"
+
+
+def torch_optimizer_under_shardopt_strategy(directory: pathlib.Path) -> str:
+    torchrun_environment()
+    try:
+        _fit("AdamW", False, directory / "torch", 1, own=True)
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def test_shardopt_strategy_refuses_an_optimizer_that_does_not_reduce(tmp_path: pathlib.Path) -> None:
+    # Without DDP nobody would reduce torch.optim's gradients: every rank refuses at setup, before a step.
+    for rank, message in enumerate(run_world(torch_optimizer_under_shardopt_strategy, WORLD, tmp_path, fresh=True)):
+        assert "does not reduce the gradients" in message and "strategy='ddp'" in message, (rank, message)

@@ -23,22 +23,13 @@ from __future__ import annotations
 
 import os
 
-import torch
 from transformers import Trainer
 
 from .. import checkpoint
-from ..grad_checks import GradChecks, owner
-from ..lbfgs import ShardedLBFGS
+from . import sharded
 
 #: The folder of a Trainer checkpoint that holds the shardopt checkpoint.
 FOLDER = "shardopt"
-
-
-def sharded(optimizer: object) -> torch.optim.Optimizer | None:
-    """The shardopt optimizer inside the wrappers frameworks put around it (Accelerate's
-    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``), or None if there is none."""
-    inner = owner(optimizer)
-    return inner if isinstance(inner, (GradChecks, ShardedLBFGS)) else None
 
 
 class ShardedTrainer(Trainer):
