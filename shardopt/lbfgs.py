@@ -34,6 +34,7 @@ from .comm import Comm, OnGroup
 from .lbfgs_flat import FlatSlices
 from .lbfgs_history import History, two_loop
 from .lbfgs_search import strong_wolfe
+from .state_view import ParamState
 
 #: The state vectors torch keeps full and this rank keeps a slice of (the lists: one per pair).
 VECTORS = ("d", "prev_flat_grad")
@@ -54,7 +55,7 @@ class Gradient(NamedTuple):
     abs_sum: Tensor
 
 
-class ShardedLBFGS(OnGroup, torch.optim.Optimizer):
+class ShardedLBFGS(OnGroup, ParamState, torch.optim.Optimizer):
     """``torch.optim.LBFGS`` with its state sharded: each rank keeps 1/N of every history vector.
 
     Args:

@@ -37,6 +37,7 @@ from .owned import OwnedOptimizer
 from .param_gather import UPDATE_BATCH, ParamGathers
 from .reducer import GradReducer
 from .sparse import SparseRowOptimizer
+from .state_view import ParamState, StateView
 
 GRAD_REDUCTIONS = ("mean", "sum", None)
 REDUCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -73,7 +74,7 @@ def _takes(torch_class: type[torch.optim.Optimizer], keyword: str) -> bool:
     return keyword in inspect.signature(torch_class.__init__).parameters
 
 
-class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
+class ShardedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer):
     """A ``torch.optim`` algorithm whose state is sharded across the ranks of a process group.
 
     Args:
@@ -207,6 +208,7 @@ class ShardedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
         # groups (state_dict numbering counts them, as torch's does) but not sharded.
         self._unsharded: list[tuple[int, int, Tensor]] = []
         super().__init__(list(params), defaults)
+        self.state = StateView()
 
     # ------------------------------------------------------------------ groups
 

@@ -26,6 +26,7 @@ from . import algorithms, fingerprint, groups, owned_comm, owned_state
 from . import state_dict as state_format
 from .ownership import assign_owners, update_cost
 from .replicated import Reduced, ReplicatedOptimizer
+from .state_view import StateView
 
 
 class OwnedOptimizer(ReplicatedOptimizer):
@@ -71,6 +72,7 @@ class OwnedOptimizer(ReplicatedOptimizer):
             timeout=timeout,
             kwargs=kwargs,
         )
+        self.state = StateView()  # the owners' torch optimizers hold it
 
     REDUCES_IN_BACKWARD = True
 

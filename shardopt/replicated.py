@@ -31,6 +31,7 @@ from .comm import Comm, OnGroup
 from .ddp_watch import DDPWatch
 from .grad_checks import GradChecks, on_owner
 from .phases import BACKWARD, DDP_FORWARD
+from .state_view import ParamState
 
 GRAD_REDUCTIONS = ("mean", "sum", None)
 OUR_KEYWORDS = ("process_group", "grad_reduction", "timeout")
@@ -45,7 +46,7 @@ class Reduced:
     loss: Any  # the closure's loss, averaged over the ranks
 
 
-class ReplicatedOptimizer(GradChecks, OnGroup, torch.optim.Optimizer):
+class ReplicatedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer):
     """Base class: subclasses place each new group's parameters (:meth:`_place`), reduce their
     gradients (:meth:`_reduce_grads`) and update them (:meth:`_apply`)."""
 

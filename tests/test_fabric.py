@@ -6,7 +6,7 @@ between ``clip_grad_norm_`` and ``step()`` must land on the optimizer itself. Ea
 Fabric's own calls (``fabric.backward``, ``fabric.clip_gradients``, ``fabric.no_backward_sync``,
 ``fabric.save`` / ``fabric.load``) and is compared with Fabric driving plain torch.optim: losses,
 returned norms and parameters to fp32 parity bounds; shardopt's own ``clip_grad_norm_``, called
-on Fabric's wrapper (at stage 2, where torch's would find no gradient), is compared with torch's
+on Fabric's wrapper (at stage 2 too), is compared with torch's
 over the parameters.
 """
 
