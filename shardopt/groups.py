@@ -31,3 +31,27 @@ def describe(group: Mapping[str, Any], g: int, i: int) -> str:
     names = group.get("param_names")
     name = f" ({names[i]!r})" if names else ""
     return f"parameter {i}{name} of param group {g}"
+
+
+def members(param_groups: list[dict[str, Any]]) -> list[tuple[int, ...]]:
+    """Which tensors each group holds (by identity): what the optimizer laid out, to compare at each step."""
+    return [tuple(map(id, group["params"])) for group in param_groups]
+
+
+def edited(param_groups: list[dict[str, Any]], laid_out: list[tuple[int, ...]]) -> str | None:
+    """How ``param_groups`` differ from the members laid out (a parameter appended to, removed from or
+    replaced in ``group["params"]`` by hand), or None where they do not."""
+    now = members(param_groups)
+    if now == laid_out:
+        return None
+    if len(now) != len(laid_out):
+        return f"{len(now)} param groups where {len(laid_out)} were added"
+    g = next(g for g, (a, b) in enumerate(zip(now, laid_out)) if a != b)
+    return f"param_groups[{g}]['params'] holds {len(now[g])} tensors where {len(laid_out[g])} were laid out"
+
+
+EDITED = (
+    "the optimizer's parameters were changed by hand after it was built ({what}, on {ranks} rank(s)): shardopt "
+    "shards a group's parameters when the group is added; add parameters with opt.add_param_group({{'params': "
+    "[...]}}) on every rank (collective), or build a new optimizer"
+)

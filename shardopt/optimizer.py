@@ -226,6 +226,7 @@ class ShardedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._shard_group(self.param_groups[group_index], group_index)
+        self._members = groups.members(self.param_groups)
 
     def _check_group(self, group: dict[str, Any], g: int) -> None:
         for flag in ("capturable", "differentiable"):
@@ -468,7 +469,8 @@ class ShardedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer):
         problems = torch.tensor([float(p is not None) for p in self._reducer.problems], dtype=torch.float64)
         kinds = torch.tensor([_kind(buffer) for buffer in self._buffers], dtype=torch.float64)
         dropped = self._reducer.dropped_flags()
-        stale = torch.tensor([float(self._reducer.stale)], dtype=torch.float64)
+        edit = groups.edited(self.param_groups, self._members)
+        stale = torch.tensor([float(self._reducer.stale), float(edit is not None)], dtype=torch.float64)
         tail = torch.tensor(closure_loss.tail(loss), dtype=torch.float64)
         parts = [dense, sparse, late, stray, problems, kinds, dropped, stale, tail]
         agreed = torch.cat(parts).to(self._comm.device)
@@ -477,7 +479,9 @@ class ShardedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer):
         dense, sparse, late, stray, problems, all_kinds, dropped, stale, tail = split
         if problems.any() or not torch.equal(all_kinds, kinds * self._comm.world_size):
             self._refuse_change(problems, all_kinds != kinds * self._comm.world_size)
-        self._refuse_custody(dropped, int(stale.item()))
+        if stale[1]:
+            raise RuntimeError(groups.EDITED.format(what=edit or "on other ranks", ranks=int(stale[1])))
+        self._refuse_custody(dropped, int(stale[0]))
         known = self._reducer.known_sparse()
         if sparse.any() or known is not None:
             self._refuse_sparse(dense, sparse, known)

@@ -110,6 +110,7 @@ class ReplicatedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer
             self.param_groups.pop()
             raise
         self._place(group)
+        self._members = groups.members(self.param_groups)
         if self.REDUCES_IN_BACKWARD and self._grad_reduction is not None and self._comm.world_size > 1:
             self._watch.add(group["params"])
             self._hooks.add(group["params"], range(len(group["params"])))
@@ -228,9 +229,13 @@ class ReplicatedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer
         params = self._params()
         flags = [float(p.grad is not None) for p in params]
         wrong = [float(p.grad is not None and self._wrong_gradient(p.grad)) for p in params]
-        agreed = torch.tensor(flags + wrong + closure_loss.tail(loss), dtype=torch.float64, device=self._comm.device)
+        edit = groups.edited(self.param_groups, self._members)
+        local = [float(edit is not None), *flags, *wrong, *closure_loss.tail(loss)]
+        agreed = torch.tensor(local, dtype=torch.float64, device=self._comm.device)
         self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()").wait()
-        agreed = agreed.cpu()
+        edited, agreed = int(agreed[0]), agreed[1:].cpu()
+        if edited:
+            raise RuntimeError(groups.EDITED.format(what=edit or "on other ranks", ranks=edited))
         n, world = len(params), self._comm.world_size
         if agreed[n : 2 * n].any():
             raise RuntimeError(self._gradient_error(self._locate(int(agreed[n : 2 * n].nonzero()[0]))))

@@ -118,3 +118,29 @@ def test_param_group_edits_take_effect_at_the_next_step() -> None:
             o.param_groups[0].update(lr=1e-2 * (step + 1), betas=(0.8, 0.9 + 0.02 * step), weight_decay=0.1 * step)
             o.step()
         torch.testing.assert_close(flat_params(model), flat_params(reference_model), rtol=1e-5, atol=1e-6)
+
+
+def edited_by_hand() -> dict[str, str]:
+    """Per algorithm: what backward or step() raised after a parameter was appended to param_groups[0]["params"] by
+    hand (torch.optim would train it; shardopt laid out the group when it was added)."""
+    import torch.distributed as dist
+
+    rank, found = dist.get_rank(), {}
+    for algorithm in ("AdamW", "Adafactor"):
+        model = make_model()
+        optimizer = shardopt.ShardedOptimizer(list(model.parameters())[:-1], algorithm, lr=1e-2)
+        optimizer.param_groups[0]["params"].append(model.scale)
+        try:
+            loss_of(model, rank, 0).backward()  # Adafactor agrees at the end of backward: it raises there
+            optimizer.step()
+            found[algorithm] = "no error"
+        except RuntimeError as error:
+            found[algorithm] = str(error)
+    return found
+
+
+def test_parameters_added_to_a_group_by_hand_are_an_error_on_every_rank() -> None:
+    for rank, found in enumerate(run_world(edited_by_hand, 2)):
+        for algorithm, message in found.items():
+            assert "changed by hand" in message and "5 tensors where 4 were laid out" in message, (algorithm, rank)
+            assert "add_param_group" in message and "on 2 rank(s)" in message, (algorithm, rank)
