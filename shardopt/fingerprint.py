@@ -47,7 +47,7 @@ def _plain(value: Any) -> Any:
 
 def group_items(group: Mapping[str, Any], g: int, describe: Any) -> list[Item]:
     """A param group's hyper-parameters, and each parameter's shape, dtype and whether it trains."""
-    hyper = {key: value for key, value in group.items() if key not in ("params", "param_names")}
+    hyper = _hyper(group)
     items = [(f"the hyper-parameters of param group {g} ({_short(hyper)})", stable_hash(_plain(hyper)))]
     for i, param in enumerate(group["params"]):
         what = (tuple(param.shape), str(param.dtype), bool(param.requires_grad))
@@ -108,3 +108,35 @@ def check(comm: Comm, items: Iterable[Item], context: str) -> None:
             f"ranks disagree at {context}: {what} differs between ranks (this rank's value is shown). Every rank "
             "must pass the same parameters, hyper-parameters and algorithm, in the same order"
         )
+
+
+# Bits of each group's hyper-parameter hash in the step's agreement: squares of such hashes summed over
+# a few thousand ranks stay exact in float64.
+HYPER_BITS = 20
+
+
+def hyper_tail(param_groups: list[Mapping[str, Any]]) -> list[float]:
+    """Per group, a short hash of its hyper-parameters and its square: summed over the ranks by the
+    step's agreement all-reduce, they tell every rank alike whether all ranks hold the same values
+    (the sum of squares is N times the mean square exactly when every hash is the mean)."""
+    hashes = [float(stable_hash(_plain(_hyper(group))) % 2**HYPER_BITS) for group in param_groups]
+    return hashes + [h * h for h in hashes]
+
+
+def check_hyper(param_groups: list[Mapping[str, Any]], agreed: list[float], world_size: int, steps: int) -> None:
+    """DesyncError, on every rank alike, for the first group whose hyper-parameters differ between the
+    ranks; ``agreed`` is :func:`hyper_tail` summed over the ranks."""
+    n = len(param_groups)
+    for g in range(n):
+        total, squares = agreed[g], agreed[n + g]
+        if squares * world_size != total * total:
+            raise DesyncError(
+                f"ranks disagree on the hyper-parameters of param group {g} at step() call {steps}: this rank "
+                f"has {_short(_hyper(param_groups[g]))}; every rank must step with the same values (a scheduler "
+                "driven by each rank's own metric, such as ReduceLROnPlateau, needs the metric averaged over "
+                "the ranks first)"
+            )
+
+
+def _hyper(group: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in group.items() if key not in ("params", "param_names")}

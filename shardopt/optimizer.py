@@ -471,16 +471,18 @@ class ShardedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer):
         dropped = self._reducer.dropped_flags()
         edit = groups.edited(self.param_groups, self._members)
         stale = torch.tensor([float(self._reducer.stale), float(edit is not None)], dtype=torch.float64)
+        hyper = torch.tensor(fingerprint.hyper_tail(self.param_groups), dtype=torch.float64)
         tail = torch.tensor(closure_loss.tail(loss), dtype=torch.float64)
-        parts = [dense, sparse, late, stray, problems, kinds, dropped, stale, tail]
+        parts = [dense, sparse, late, stray, problems, kinds, dropped, stale, hyper, tail]
         agreed = torch.cat(parts).to(self._comm.device)
         self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()").wait()
         split = agreed.cpu().split([len(part) for part in parts])
-        dense, sparse, late, stray, problems, all_kinds, dropped, stale, tail = split
+        dense, sparse, late, stray, problems, all_kinds, dropped, stale, hyper, tail = split
         if problems.any() or not torch.equal(all_kinds, kinds * self._comm.world_size):
             self._refuse_change(problems, all_kinds != kinds * self._comm.world_size)
         if stale[1]:
             raise RuntimeError(groups.EDITED.format(what=edit or "on other ranks", ranks=int(stale[1])))
+        fingerprint.check_hyper(self.param_groups, hyper.tolist(), self._comm.world_size, self._comm.steps)
         self._refuse_custody(dropped, int(stale[0]))
         known = self._reducer.known_sparse()
         if sparse.any() or known is not None:

@@ -230,12 +230,15 @@ class ReplicatedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer
         flags = [float(p.grad is not None) for p in params]
         wrong = [float(p.grad is not None and self._wrong_gradient(p.grad)) for p in params]
         edit = groups.edited(self.param_groups, self._members)
-        local = [float(edit is not None), *flags, *wrong, *closure_loss.tail(loss)]
+        hyper = fingerprint.hyper_tail(self.param_groups)
+        local = [float(edit is not None), *hyper, *flags, *wrong, *closure_loss.tail(loss)]
         agreed = torch.tensor(local, dtype=torch.float64, device=self._comm.device)
         self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()").wait()
-        edited, agreed = int(agreed[0]), agreed[1:].cpu()
+        agreed = agreed.cpu()
+        edited, hyper, agreed = int(agreed[0]), agreed[1 : 1 + len(hyper)].tolist(), agreed[1 + len(hyper) :]
         if edited:
             raise RuntimeError(groups.EDITED.format(what=edit or "on other ranks", ranks=edited))
+        fingerprint.check_hyper(self.param_groups, hyper, self._comm.world_size, self._comm.steps)
         n, world = len(params), self._comm.world_size
         if agreed[n : 2 * n].any():
             raise RuntimeError(self._gradient_error(self._locate(int(agreed[n : 2 * n].nonzero()[0]))))

@@ -401,3 +401,37 @@ def test_every_collective_call_is_left_when_it_returns_or_raises(tmp_path: pathl
         for position, (call, phases) in enumerate(seen):
             label = (rank, position, call, phases)
             assert all(phase.startswith(call) and not inside for phase, inside in phases), label
+
+
+def plateau_per_rank() -> dict[str, tuple[str, str, bool]]:
+    """ReduceLROnPlateau stepped with each rank's own metric: by the second step rank 1's lr is cut
+    and the others' not. Per algorithm: what each rank raised, and whether the parameters stayed alike."""
+    import torch.distributed as dist
+
+    rank, found = dist.get_rank(), {}
+    for algorithm in ("AdamW", "Adafactor"):
+        model = make_model()
+        optimizer = shardopt.ShardedOptimizer(model.parameters(), algorithm, lr=0.05)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+        outcome = ("no error", "")
+        try:
+            for step in range(3):
+                optimizer.zero_grad()
+                loss_of(model, rank, step).backward()
+                optimizer.step()
+                plateau.step(1.0 if rank == 1 else 1.0 - step)  # rank 1 sees no improvement
+        except DesyncError as error:
+            outcome = (type(error).__name__, str(error))
+        gathered = [torch.zeros_like(flat_params(model)) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, flat_params(model))
+        found[algorithm] = (*outcome, all(torch.equal(g, gathered[0]) for g in gathered))
+    return found
+
+
+def test_hyper_parameters_that_differ_between_ranks_are_a_desync_error_before_the_update() -> None:
+    # Three ranks: two agree, one does not (a sum of hashes alone could not tell every rank alike).
+    for rank, found in enumerate(run_world(plateau_per_rank, 3)):
+        for algorithm, (kind, message, alike) in found.items():
+            assert kind == "DesyncError", (algorithm, rank, message)
+            assert "hyper-parameters of param group 0" in message and "ReduceLROnPlateau" in message, (algorithm, rank)
+            assert alike, f"{algorithm} rank {rank}: parameters updated with different lrs"
