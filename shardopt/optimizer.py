@@ -470,20 +470,21 @@ class ShardedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer):
         kinds = torch.tensor([_kind(buffer) for buffer in self._buffers], dtype=torch.float64)
         dropped = self._reducer.dropped_flags()
         edit = groups.edited(self.param_groups, self._members)
-        stale = torch.tensor([float(self._reducer.stale), float(edit is not None)], dtype=torch.float64)
+        stale = torch.tensor([float(self._reducer.stale)], dtype=torch.float64)
+        edited = torch.tensor([float(edit is not None)], dtype=torch.float64)
         hyper = torch.tensor(fingerprint.hyper_tail(self.param_groups), dtype=torch.float64)
         tail = torch.tensor(closure_loss.tail(loss), dtype=torch.float64)
-        parts = [dense, sparse, late, stray, problems, kinds, dropped, stale, hyper, tail]
+        parts = [dense, sparse, late, stray, problems, kinds, dropped, stale, edited, hyper, tail]
         agreed = torch.cat(parts).to(self._comm.device)
         self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()").wait()
         split = agreed.cpu().split([len(part) for part in parts])
-        dense, sparse, late, stray, problems, all_kinds, dropped, stale, hyper, tail = split
+        dense, sparse, late, stray, problems, all_kinds, dropped, stale, edited, hyper, tail = split
         if problems.any() or not torch.equal(all_kinds, kinds * self._comm.world_size):
             self._refuse_change(problems, all_kinds != kinds * self._comm.world_size)
-        if stale[1]:
-            raise RuntimeError(groups.EDITED.format(what=edit or "on other ranks", ranks=int(stale[1])))
+        if edited.item():
+            raise RuntimeError(groups.EDITED.format(what=edit or "on other ranks", ranks=int(edited.item())))
         fingerprint.check_hyper(self.param_groups, hyper.tolist(), self._comm.world_size, self._comm.steps)
-        self._refuse_custody(dropped, int(stale[0]))
+        self._refuse_custody(dropped, int(stale.item()))
         known = self._reducer.known_sparse()
         if sparse.any() or known is not None:
             self._refuse_sparse(dense, sparse, known)

@@ -47,6 +47,8 @@ class OwnedOptimizer(ReplicatedOptimizer):
     collective: every rank calls them, in the same order.
     """
 
+    REDUCES_IN_BACKWARD = True
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -73,8 +75,6 @@ class OwnedOptimizer(ReplicatedOptimizer):
             kwargs=kwargs,
         )
         self.state = StateView()  # the owners' torch optimizers hold it
-
-    REDUCES_IN_BACKWARD = True
 
     def _prepare(self) -> None:
         self._owner: dict[Tensor, int] = {}

@@ -354,9 +354,7 @@ class GradReducer:
         """Stage 2: the gradient parameter ``slot`` of buffer ``index`` has that this round did not take
         yet: what autograd added to its TakenGrad, or what p.grad holds instead of one."""
         grad = self._buffers[index].params[slot].grad
-        if isinstance(grad, TakenGrad):
-            if not self._placed[index][slot] and not grad.zeroed:
-                self.stale = True  # added to a gradient that step() took: torch would add that one too
+        if isinstance(grad, TakenGrad):  # one an earlier step() left is found stale by _look_for_drops first
             grad, grad.incoming = grad.incoming, None
         return grad
 
@@ -578,7 +576,7 @@ class GradReducer:
                 if any(grad is not kept for grad, kept in zip(grads, bound)):
                     # Replaced or set to None since: taken as it is, as torch.optim takes p.grad after DDP.
                     self._absorb_full(list(range(window.size)), index)
-            elif window.launched and (window.late or _any_new(grads)):
+            elif window.launched and (window.late or any(map(grad_code, grads))):
                 window.late = True
                 window.codes = [old | new for old, new in zip(window.codes, buffer.grad_codes())]
         self._launch_in_order(until_incomplete=False)
@@ -679,11 +677,6 @@ class GradReducer:
 
 def _grads(buffer: ShardedBuffer) -> list[Tensor | None]:
     return list(map(_GRAD, buffer.params))
-
-
-def _any_new(grads: list[Tensor | None]) -> bool:
-    """Whether some of ``grads`` holds a gradient not taken yet (a TakenGrad: only what was added to it)."""
-    return any(g is not None and (type(g) is not TakenGrad or g.incoming is not None) for g in grads)
 
 
 def _as_tensor(codes: list[int]) -> Tensor:
