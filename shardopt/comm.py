@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import timedelta
@@ -49,7 +50,11 @@ class Comm:
         self._failed: RuntimeError | None = None  # the first collective of ours that did not complete
         if process_group is None and dist.is_available() and dist.is_initialized():
             process_group = dist.group.WORLD
-        self.group = process_group
+        # Held weakly: once dist.destroy_process_group() lets the group go, its destructor joins gloo's
+        # worker threads while Python still runs. A group an optimizer kept alive is destroyed at
+        # interpreter exit instead, where a worker still releasing the tensors of a last collective
+        # cannot take the GIL and the process aborts ("terminate called without an active exception").
+        self._group = None if process_group is None else weakref.ref(process_group)
         if process_group is None:
             self.rank, self.world_size, self._rings = 0, 1, False
             self._board = PhaseBoard(None, 0, 1)
@@ -64,6 +69,19 @@ class Comm:
         # same bytes around a ring of point-to-point messages (ring.py), 2-3x faster. NCCL keeps its own
         # collectives, rings already.
         self._rings = dist.get_backend(process_group) == "gloo" and self.world_size > 1
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The process group, or None for a world of one without torch.distributed."""
+        if self._group is None:
+            return None
+        group = self._group()
+        if group is None:
+            raise RuntimeError(
+                "shardopt: the process group of this optimizer was destroyed (dist.destroy_process_group()); "
+                "create the optimizer again after dist.init_process_group(), loading its state from a checkpoint"
+            )
+        return group
 
     @property
     def device(self) -> torch.device:

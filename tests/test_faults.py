@@ -11,13 +11,10 @@ rank dies.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import pathlib
 import re
-import socket
 import time
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -26,6 +23,7 @@ import shardopt
 from shardopt import checkpoint
 from shardopt.phases import UNREADABLE, Phase, Survey
 from tests.common import loss_of, make_model
+from tests.processes import free_port, join_world, run_ranks
 from tests.world import run_world
 
 TIMEOUT = 5  # seconds: the optimizer's bound on every collective
@@ -82,40 +80,14 @@ def faulty_run(directory: pathlib.Path, fault: str) -> None:
 
 
 def _fault_rank(rank: int, world_size: int, directory: pathlib.Path, fault: str, port: int) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    if fault == STORE_HOST:
-        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0, timeout=timedelta(seconds=60))
-    else:
-        store = dist.FileStore(str(directory / "store"), world_size)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    join_world(rank, world_size, directory, port if fault == STORE_HOST else None)
     faulty_run(directory, fault)
     os._exit(0)  # no teardown: the process group has a dead member
 
 
 def run_with_a_death(directory: pathlib.Path, fault: str, world_size: int = 3) -> list[int | None]:
     """Each rank's exit code (None: still running after two minutes, then killed)."""
-    context = mp.get_context("spawn")
-    with socket.socket() as probe:  # a free port for the TCPStore (only the store-host fault uses one)
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ranks = [
-        context.Process(target=_fault_rank, args=(rank, world_size, directory, fault, port), daemon=True)
-        for rank in range(world_size)
-    ]
-    for process in ranks:
-        process.start()
-    deadline = time.monotonic() + 120
-    codes = []
-    for process in ranks:
-        process.join(max(0.0, deadline - time.monotonic()))
-        codes.append(process.exitcode)
-        if process.is_alive():
-            process.kill()
-    return codes
+    return run_ranks(_fault_rank, world_size, directory, fault, free_port())
 
 
 def load_last_good(directory: pathlib.Path) -> float:
