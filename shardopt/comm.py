@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import fingerprint
+from .own_group import own_group
 from .pending import Pending
 from .phases import CONSTRUCTION, TOGETHER, Phase, PhaseBoard
 from .ring import PairReduceScatter, PartsPlan, Ring
@@ -50,11 +51,7 @@ class Comm:
         self._failed: RuntimeError | None = None  # the first collective of ours that did not complete
         if process_group is None and dist.is_available() and dist.is_initialized():
             process_group = dist.group.WORLD
-        # Held weakly: once dist.destroy_process_group() lets the group go, its destructor joins gloo's
-        # worker threads while Python still runs. A group an optimizer kept alive is destroyed at
-        # interpreter exit instead, where a worker still releasing the tensors of a last collective
-        # cannot take the GIL and the process aborts ("terminate called without an active exception").
-        self._group = None if process_group is None else weakref.ref(process_group)
+        self._group: weakref.ref[dist.ProcessGroup] | None = None
         if process_group is None:
             self.rank, self.world_size, self._rings = 0, 1, False
             self._board = PhaseBoard(None, 0, 1)
@@ -65,6 +62,11 @@ class Comm:
         self.world_size = dist.get_world_size(process_group)
         self._board = PhaseBoard(process_group, self.rank, self.world_size)
         self._board.post(self.phase)
+        # Held weakly: once dist.destroy_process_group() lets the group go, its destructor joins gloo's
+        # worker threads while Python still runs. A group an optimizer kept alive is destroyed at
+        # interpreter exit instead, where a worker still releasing the tensors of a last collective
+        # cannot take the GIL and the process aborts ("terminate called without an active exception").
+        self._group = weakref.ref(own_group(process_group, self.timeout))
         # gloo's reduce-scatter and all-gather are its slowest collectives: on gloo shardopt sends the
         # same bytes around a ring of point-to-point messages (ring.py), 2-3x faster. NCCL keeps its own
         # collectives, rings already.

@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 
@@ -36,16 +37,21 @@ def join_world(
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
 
 
-def run_ranks(target: Callable[..., None], world_size: int, *args: Any, deadline: float = 120) -> list[int | None]:
-    """``target(rank, world_size, *args)`` in a spawned process per rank; each one's exit code (None:
-    still running after ``deadline`` seconds, then killed)."""
+def start_ranks(target: Callable[..., None], world_size: int, *args: Any) -> list[BaseProcess]:
+    """``target(rank, world_size, *args)`` in a spawned process per rank, started."""
     context = mp.get_context("spawn")
     ranks = [context.Process(target=target, args=(rank, world_size, *args), daemon=True) for rank in range(world_size)]
     for process in ranks:
         process.start()
+    return ranks
+
+
+def run_ranks(target: Callable[..., None], world_size: int, *args: Any, deadline: float = 120) -> list[int | None]:
+    """``target(rank, world_size, *args)`` in a spawned process per rank; each one's exit code (None:
+    still running after ``deadline`` seconds, then killed)."""
     end = time.monotonic() + deadline
     codes = []
-    for process in ranks:
+    for process in start_ranks(target, world_size, *args):
         process.join(max(0.0, end - time.monotonic()))
         codes.append(process.exitcode)
         if process.is_alive():

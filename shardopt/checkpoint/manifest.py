@@ -26,7 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import groups as group_names
+from . import schema
 from .errors import CheckpointError
+from .storage import MANIFEST, read_manifest
 
 FORMAT = "shardopt.checkpoint"
 VERSION = 2
@@ -107,6 +109,14 @@ def build(
     }
 
 
+def read(path: pathlib.Path) -> dict[str, Any]:
+    """The manifest of the complete checkpoint at ``path``, every field checked (schema.py), in
+    version 2's form."""
+    manifest = read_manifest(path)
+    schema.check(manifest, path / MANIFEST)
+    return upgraded(manifest)
+
+
 def upgraded(manifest: dict[str, Any]) -> dict[str, Any]:
     """A version-1 manifest (one optimizer) in version 2's form; other versions as they are."""
     if manifest.get("version") != 1:
@@ -158,6 +168,7 @@ def check(
     for position, (record, (algorithm, param_groups, names)) in enumerate(zip(saved, optimizers)):
         where = "" if len(optimizers) == 1 else f" at position {position} of optimizer="
         _check_optimizer(record, algorithm, param_groups, names, f"{path}", where)
+        schema.check_hyper_parameters(record["param_groups"], param_groups, path / MANIFEST, f"optimizers[{position}].")
 
 
 def _check_model(manifest: dict[str, Any], model_state: dict[str, Tensor], path: pathlib.Path) -> None:

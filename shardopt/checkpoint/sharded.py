@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import secrets
+import shutil
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -47,7 +48,17 @@ from .chunks import LoadPlanner, SavePlanner, ShardChunks
 from .encoding import TENSOR_PREFIX, Encoder, decode, restore_device, tensor_keys
 from .errors import CheckpointError, agree
 from .part import Part, Staging, listed
-from .storage import MANIFEST, SafeReader, check_target, partial_path, publish, read_manifest, write_file
+from .storage import (
+    MANIFEST,
+    SafeReader,
+    check_target,
+    leftovers,
+    out_of_space,
+    partial_path,
+    publish,
+    through_links,
+    write_file,
+)
 
 # Without a process group DCP warns on every call that it saves or loads in one process; that is
 # what a world of one means here.
@@ -84,6 +95,16 @@ class _SaveJob:
         }
         return _SaveJob(entries, self.manifest)
 
+    def bytes_of(self, world_size: int) -> int:
+        """About how many bytes this rank writes: its chunks, and its share of the whole tensors."""
+        total = 0
+        for value in self.entries.values():
+            if isinstance(value, ShardChunks):
+                total += sum(t.numel() * t.element_size() for t in value.chunks.values())
+            else:
+                total += value.numel() * value.element_size() // world_size
+        return total + len(self.manifest)
+
 
 def save(
     path: str | os.PathLike[str],
@@ -107,7 +128,7 @@ def save(
     thread while training goes on; the returned future completes when the checkpoint is in
     place (its ``result()`` raises CheckpointError where the save failed).
     """
-    path = pathlib.Path(os.fspath(path))
+    path = through_links(pathlib.Path(os.fspath(path)))
     optimizers, schedulers = listed(optimizer, scheduler)
     with _settled(optimizers, "checkpoint.save") as (comm, parts):
         for part in parts:
@@ -186,15 +207,22 @@ def _prepare_save(
     return _SaveJob(entries, json.dumps(manifest, indent=1))
 
 
-def _dcp(comm: Comm, what: str, call: Callable[..., Any], entries: dict[str, Any], **io: Any) -> None:
+def _dcp(
+    comm: Comm,
+    what: str,
+    call: Callable[..., Any],
+    entries: dict[str, Any],
+    explain: Callable[[BaseException], BaseException] = lambda error: error,
+    **io: Any,
+) -> None:
     """Collective: DCP's ``save`` or ``load`` (``call``) of ``entries`` with storage and planner
     ``io`` on ``comm``'s group; where it failed on any rank, every rank raises CheckpointError
-    saying it failed at ``what``."""
+    saying it failed at ``what`` (with the message ``explain`` gives the lowest failing rank's error)."""
     error = None
     try:
         call(entries, process_group=comm.group, no_dist=comm.group is None, **io)
     except DCP_ERRORS as caught:
-        error = caught
+        error = explain(caught)
     agree(comm, error, what)
 
 
@@ -206,22 +234,37 @@ def _agree_token(comm: Comm) -> int:
 
 
 def _write(job: _SaveJob, staging: pathlib.Path, path: pathlib.Path, comm: Comm) -> None:
-    _dcp(
-        comm,
-        f"writing {staging}",
-        dcp.save,
-        job.entries,
-        storage_writer=dcp.FileSystemWriter(staging),
-        planner=SavePlanner(),
-    )
-    error = None
-    if comm.rank == 0:
-        try:
-            write_file(staging / MANIFEST, job.manifest)
-            publish(staging, path)
-        except Exception as caught:
-            error = caught
-    agree(comm, error, f"publishing {path}")
+    """Collective: write ``job`` into ``staging`` and publish it at ``path``. Where that fails, every rank
+    raises, and what the save wrote is removed, so that a failed save (a full disk) leaves no staging
+    directory to fill the disk for the next one."""
+    try:
+        _dcp(
+            comm,
+            f"writing {staging}",
+            dcp.save,
+            job.entries,
+            explain=lambda error: _out_of_space(error, staging, job.bytes_of(comm.world_size), comm.rank),
+            storage_writer=dcp.FileSystemWriter(staging),
+            planner=SavePlanner(),
+        )
+        error = None
+        if comm.rank == 0:
+            try:
+                write_file(staging / MANIFEST, job.manifest)
+                publish(staging, path)
+            except Exception as caught:
+                error = caught
+        agree(comm, error, f"publishing {path}")
+    except CheckpointError as failed:
+        shutil.rmtree(staging, ignore_errors=True)  # on every rank: staging may be on each node's own disk
+        raise CheckpointError(f"{failed}{leftovers(path, staging)}") from failed
+
+
+def _out_of_space(error: BaseException, staging: pathlib.Path, needed: int, rank: int) -> BaseException:
+    """``error``, or where the disk is full (DCP then says e.g. "unexpected pos 704 vs 598"), a
+    CheckpointError saying so."""
+    message = out_of_space(staging, rank, needed)
+    return error if message is None else CheckpointError(message)
 
 
 @dataclass
@@ -320,7 +363,7 @@ def _check_same_checkpoint(restore: _Restore, comm: Comm, path: pathlib.Path) ->
 
 
 def _prepare_load(path: pathlib.Path, model: nn.Module, parts: list[Part], schedulers: list[Any]) -> _Restore:
-    manifest = manifests.upgraded(read_manifest(path))
+    manifest = manifests.read(path)
     current_model = manifests.model_state(model)
     names = [manifests.parameter_names(model, part.optimizer) for part in parts]
     fits = [(part.algorithm, part.optimizer.param_groups, n) for part, n in zip(parts, names)]

@@ -55,6 +55,40 @@ def partial_siblings(path: pathlib.Path) -> list[pathlib.Path]:
     return sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name + PARTIAL))
 
 
+def through_links(path: pathlib.Path) -> pathlib.Path:
+    """Where a save to ``path`` goes: what a symlink at ``path`` names (the save replaces that
+    directory, as writing through a link to a file replaces the file), else ``path``. The staging
+    directory is then the target's sibling, on its filesystem, and the link is never moved or deleted."""
+    return path.resolve() if path.is_symlink() else path
+
+
+def leftovers(path: pathlib.Path, but: pathlib.Path) -> str:
+    """What earlier interrupted saves to ``path`` left (other than ``but``), and how to reclaim it."""
+    found = [p for p in partial_siblings(path) if p != but]
+    if not found:
+        return ""
+    size = sum(f.stat().st_size for p in found for f in p.rglob("*") if f.is_file())
+    names = ", ".join(p.name for p in found)
+    return f"; interrupted saves left {names} next to it ({size / 2**20:.1f} MB): delete them"
+
+
+def out_of_space(directory: pathlib.Path, rank: int, needed: int) -> str | None:
+    """The message of a write that failed for want of space: the filesystem of ``directory`` has less
+    free space than the ``needed`` bytes this rank writes; None where it has enough (another failure)."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return None
+    if free >= needed:
+        return None
+    written = sorted(directory.glob(f"__{rank}_*"))  # DCP's names for this rank's files
+    file = written[-1] if written else directory
+    return (
+        f"no space left on device while writing {file} (needed about {max(needed / 2**20, 0.1):.1f} MB, "
+        f"{free / 2**20:.1f} MB free): free some space or save elsewhere"
+    )
+
+
 def check_target(path: pathlib.Path) -> None:
     """Refuse to replace anything at ``path`` but a complete checkpoint."""
     if path.exists() and not (path / MARKER).is_file():

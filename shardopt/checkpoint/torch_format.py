@@ -23,7 +23,7 @@ from .chunks import LoadPlanner
 from .encoding import decode, tensor_keys
 from .errors import CheckpointError
 from .part import Staging, listed
-from .storage import SafeReader, read_manifest
+from .storage import SafeReader
 
 
 def consolidate(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -37,7 +37,7 @@ def consolidate(path: str | os.PathLike[str]) -> dict[str, Any]:
     optimizer state in memory.
     """
     path = pathlib.Path(os.fspath(path))
-    manifest = manifests.upgraded(read_manifest(path))
+    manifest = manifests.read(path)
     reader = SafeReader(path)
     staging = Staging(path, reader.read_metadata())
     keys = [manifests.model_key(key) for key, _, _ in manifest["model"]]
