@@ -4,6 +4,7 @@ saves, and a manifest edited by hand (named by file and field before anything ch
 from __future__ import annotations
 
 import json
+import multiprocessing
 import pathlib
 import re
 import subprocess
@@ -149,3 +150,55 @@ def test_a_manifest_edited_by_hand_is_named_by_file_and_field(edit: str, tmp_pat
     assert str(raised.value).startswith(f"{file}: {field}"), raised.value
     assert "the manifest was edited or is corrupt" in str(raised.value)
     assert torch.equal(flat_params(fresh), before)
+
+
+SAVES = 150  # by the saver, while the reader loads as often as it can
+
+
+def _saver(path: pathlib.Path) -> None:
+    model, optimizer = trained(1)
+    for k in range(SAVES):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.fill_(k)
+        checkpoint.save(path, model=model, optimizer=optimizer, extra={"k": k})
+    (path.parent / "done").touch()
+
+
+def _reader(path: pathlib.Path) -> None:
+    """Loads until the saver is done: how many loads returned weights of one save and the extra of
+    another (a torn mix), how many were consistent, and how many raised (in counts.json)."""
+    counts = {"mixed": 0, "whole": 0, "raised": 0}
+    while not (path.parent / "done").exists():
+        model, optimizer = trained(0)
+        try:
+            extra = checkpoint.load(path, model=model, optimizer=optimizer)
+        except CheckpointError as error:
+            counts["raised"] += 1
+            assert "was replaced by a newer checkpoint while it was read" in str(error) or not path.exists(), error
+            continue
+        whole = all(bool((param == extra["k"]).all()) for param in model.parameters())
+        counts["whole" if whole else "mixed"] += 1
+    (path.parent / "counts.json").write_text(json.dumps(counts))
+
+
+def test_a_load_while_a_save_replaces_the_checkpoint_is_never_a_mix(tmp_path: pathlib.Path) -> None:
+    """One process saves over a checkpoint again and again, another loads it in a loop: every load
+    returns one whole checkpoint (the weights of the save whose extra it returns) or raises, saying it
+    was replaced during the read. (Before, about 1 load in 80 was a torn mix of two saves.)"""
+    path = tmp_path / "checkpoint"
+    model, optimizer = trained(1)
+    checkpoint.save(path, model=model, optimizer=optimizer, extra={"k": -1})
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(-1)
+    checkpoint.save(path, model=model, optimizer=optimizer, extra={"k": -1})
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=target, args=(path,)) for target in (_saver, _reader)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(240)
+    assert [process.exitcode for process in processes] == [0, 0]
+    counts = json.loads((tmp_path / "counts.json").read_text())
+    assert counts["mixed"] == 0 and counts["whole"] > 0, counts

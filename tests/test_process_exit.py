@@ -16,6 +16,7 @@ import weakref
 import pytest
 
 import shardopt
+from shardopt import checkpoint
 from tests import stuck_rank
 from tests.common import loss_of, make_model
 from tests.processes import join_world, run_ranks, start_ranks
@@ -97,3 +98,32 @@ def test_torchrun_ends_the_job_after_the_timeout_error(tmp_path: pathlib.Path) -
         pytest.fail("torchrun was still running a minute and a half after it started")
     assert job.returncode != 0, stderr[-2000:]
     assert_timed_out_then_ended(tmp_path, time.time())
+
+
+def _save_then_end(rank: int, world_size: int, directory: pathlib.Path, destroy: bool) -> None:
+    import torch.distributed as dist
+
+    sys.stderr = open(directory / f"rank{rank}.err", "w")
+    join_world(rank, world_size, directory)
+    model = make_model()
+    optimizer = shardopt.Adam(model.parameters(), lr=1e-2)
+    loss_of(model, rank, 0).backward()
+    optimizer.step()
+    checkpoint.save(directory / "checkpoint", model=model, optimizer=optimizer, async_save=True)
+    if destroy:
+        dist.destroy_process_group()  # under the save in flight, whose future nobody asks
+
+
+@pytest.mark.parametrize("destroy", [False, True], ids=["exit", "destroy-then-exit"])
+def test_a_background_save_in_flight_at_exit_is_completed_or_said(destroy: bool, tmp_path: pathlib.Path) -> None:
+    """A background save whose future nobody asks: ending the program completes it first. Where the process
+    group is destroyed under it (the save then fails, or completed just before), every rank says so on
+    stderr: the checkpoint is in place, or every rank told that it is not."""
+    assert run_ranks(_save_then_end, 2, tmp_path, destroy) == [0, 0]
+    said = [(tmp_path / f"rank{rank}.err").read_text() for rank in range(2)]
+    reports = ["shardopt: the background checkpoint save to " in text for text in said]
+    if checkpoint.is_complete(tmp_path / "checkpoint"):
+        assert reports == [False, False], said
+    else:
+        assert destroy and reports == [True, True], said
+    assert not list(tmp_path.glob("checkpoint.partial-*"))  # a failed save removes what it wrote

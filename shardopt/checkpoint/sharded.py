@@ -26,12 +26,11 @@ import shutil
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.api import CheckpointException
@@ -40,6 +39,7 @@ from .. import fingerprint
 from ..comm import Comm
 from ..optimizer import ShardedOptimizer
 from . import manifest as manifests
+from .background import AsyncWriter
 from .by_elements import ElementPart
 from .by_owner import OwnerPart
 from .by_rows import RowPart
@@ -55,6 +55,7 @@ from .storage import (
     leftovers,
     out_of_space,
     partial_path,
+    pinned,
     publish,
     through_links,
     write_file,
@@ -143,8 +144,8 @@ def save(
         if not async_save:
             _write(job, staging, path, comm)
             return None
-        writer = _writer_of(optimizers[0])
-        return writer.executor.submit(_write, job.snapshot(), staging, path, writer.comm)
+        snapshot = job.snapshot()
+        return _writer_of(optimizers[0]).submit(str(path), lambda comm: _write(snapshot, staging, path, comm))
 
 
 @contextlib.contextmanager
@@ -255,9 +256,11 @@ def _write(job: _SaveJob, staging: pathlib.Path, path: pathlib.Path, comm: Comm)
             except Exception as caught:
                 error = caught
         agree(comm, error, f"publishing {path}")
-    except CheckpointError as failed:
+    except Exception as failed:  # a CheckpointError; or, in the background, the process group destroyed under it
         shutil.rmtree(staging, ignore_errors=True)  # on every rank: staging may be on each node's own disk
-        raise CheckpointError(f"{failed}{leftovers(path, staging)}") from failed
+        if isinstance(failed, CheckpointError):
+            raise CheckpointError(f"{failed}{leftovers(path, staging)}") from failed
+        raise
 
 
 def _out_of_space(error: BaseException, staging: pathlib.Path, needed: int, rank: int) -> BaseException:
@@ -267,29 +270,13 @@ def _out_of_space(error: BaseException, staging: pathlib.Path, needed: int, rank
     return error if message is None else CheckpointError(message)
 
 
-@dataclass
-class _AsyncWriter:
-    """A background thread that writes an optimizer's checkpoints one after another, and a
-    process group of its own, so its collectives never interleave with training's."""
-
-    comm: Comm
-    executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardopt-checkpoint")
-    )
+_WRITERS: weakref.WeakKeyDictionary[Any, AsyncWriter] = weakref.WeakKeyDictionary()
 
 
-_WRITERS: weakref.WeakKeyDictionary[Any, _AsyncWriter] = weakref.WeakKeyDictionary()
-
-
-def _writer_of(optimizer: Any) -> _AsyncWriter:
+def _writer_of(optimizer: Any) -> AsyncWriter:
     """Collective the first time (it creates the process group)."""
     if optimizer not in _WRITERS:
-        comm = optimizer._comm
-        group = None
-        if comm.group is not None:
-            ranks = dist.get_process_group_ranks(comm.group)
-            group = dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
-        _WRITERS[optimizer] = _AsyncWriter(Comm(group, comm.timeout))
+        _WRITERS[optimizer] = AsyncWriter.over(optimizer._comm)
     return _WRITERS[optimizer]
 
 
@@ -297,7 +284,7 @@ def _wait_for_pending(optimizer: Any) -> None:
     """Let this optimizer's background saves finish first, so that saves and loads keep their order."""
     writer = _WRITERS.get(optimizer)
     if writer is not None:
-        writer.executor.submit(lambda: None).result()
+        writer.wait()
 
 
 # ---------------------------------------------------------------------- load
@@ -334,18 +321,19 @@ def load(
     """
     path = pathlib.Path(os.fspath(path))
     optimizers, schedulers = listed(optimizer, scheduler)
-    with _settled(optimizers, "checkpoint.load") as (comm, parts):
+    with _settled(optimizers, "checkpoint.load") as (comm, parts), pinned(path) as held:
         restore, error = None, None
         try:
-            restore = _prepare_load(path, model, parts, schedulers)
+            restore = _prepare_load(held.directory, model, parts, schedulers)
         except Exception as caught:
-            error = caught
+            error = held.named(caught)
         agree(comm, error, f"loading {path}")
         _dcp(
             comm,
             f"reading {path}",
             dcp.load,
             restore.staging.entries,
+            explain=held.named,
             storage_reader=restore.reader,
             planner=LoadPlanner(),
         )

@@ -17,6 +17,7 @@ a ``.partial-`` directory without a marker.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -25,7 +26,7 @@ import os
 import pathlib
 import pickle
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.futures import Future
 
-from .errors import CheckpointError
+from .errors import CheckpointError, describe
 
 MANIFEST = "shardopt.json"
 MARKER = "COMPLETE"
@@ -161,6 +162,56 @@ def publish(staging: pathlib.Path, path: pathlib.Path) -> None:
 def is_complete(path: pathlib.Path) -> bool:
     """Whether ``path`` holds a checkpoint whose save completed (its marker is written last)."""
     return (path / MARKER).is_file()
+
+
+class Pinned:
+    """The directory ``path`` names, held open while a checkpoint is read from it (on Linux, through
+    ``/proc/self/fd/<n>``): a save that publishes a newer checkpoint at ``path`` meanwhile cannot make
+    the read a mix of the two. The old directory's files it deletes are then missing: an error, which
+    says so. Where /proc is not there (not Linux), ``path`` itself is read."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path, self.directory = path, path
+        self._descriptor: int | None = None
+        try:
+            self._descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # missing, or not a directory: read_manifest says so
+            return
+        held = pathlib.Path(f"/proc/self/fd/{self._descriptor}")
+        if held.is_dir():
+            self.directory = held
+
+    def named(self, error: BaseException) -> CheckpointError:
+        """``error`` as a CheckpointError that names ``path`` rather than the held directory, and says
+        where a newer checkpoint replaced it during the read."""
+        message = describe(error).replace(str(self.directory), str(self.path))
+        if self._descriptor is not None and self._replaced():
+            message = f"{self.path} was replaced by a newer checkpoint while it was read ({message}); load it again"
+        return CheckpointError(message)
+
+    def _replaced(self) -> bool:
+        assert self._descriptor is not None
+        held = os.fstat(self._descriptor)
+        try:
+            now = os.stat(self.path)
+        except OSError:
+            return True
+        return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
+
+    def close(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+
+
+@contextlib.contextmanager
+def pinned(path: pathlib.Path) -> Iterator[Pinned]:
+    """The block reads the checkpoint at ``path`` from ``.directory`` of what it gets (:class:`Pinned`)."""
+    held = Pinned(path)
+    try:
+        yield held
+    finally:
+        held.close()
 
 
 def read_manifest(path: pathlib.Path) -> dict[str, Any]:

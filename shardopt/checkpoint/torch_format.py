@@ -23,7 +23,7 @@ from .chunks import LoadPlanner
 from .encoding import decode, tensor_keys
 from .errors import CheckpointError
 from .part import Staging, listed
-from .storage import SafeReader
+from .storage import SafeReader, pinned
 
 
 def consolidate(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -36,7 +36,14 @@ def consolidate(path: str | os.PathLike[str]) -> dict[str, Any]:
     entry per optimizer in the order they were saved. Needs no process group; holds the full
     optimizer state in memory.
     """
-    path = pathlib.Path(os.fspath(path))
+    with pinned(pathlib.Path(os.fspath(path))) as held:
+        try:
+            return _read_whole(held.directory)
+        except CheckpointError as error:
+            raise held.named(error) from error
+
+
+def _read_whole(path: pathlib.Path) -> dict[str, Any]:
     manifest = manifests.read(path)
     reader = SafeReader(path)
     staging = Staging(path, reader.read_metadata())
