@@ -36,6 +36,11 @@ class BackwardHooks:
         me = weakref.ref(self)
         self._handles += [param.register_post_accumulate_grad_hook(_hook(me, key)) for param, key in zip(params, keys)]
 
+    def remove(self) -> None:
+        """Remove every hook: later backwards call nothing."""
+        _remove_all(self._handles)
+        self._handles.clear()
+
     def gradient(self, key: Hashable) -> None:
         if not self._queued:
             self._queued = True

@@ -49,6 +49,8 @@ class Comm:
         #: The last collective call of the optimizer this rank entered, and whether it is still inside it.
         self.phase, self.inside = Phase(0, 0, CONSTRUCTION), True
         self._failed: RuntimeError | None = None  # the first collective of ours that did not complete
+        #: Why the optimizer may no longer call collectives (claims.py), or None.
+        self.retired: str | None = None
         if process_group is None and dist.is_available() and dist.is_initialized():
             process_group = dist.group.WORLD
         self._group: weakref.ref[dist.ProcessGroup] | None = None
@@ -99,14 +101,20 @@ class Comm:
 
     def enter(self, call: str, *, step: bool = False) -> None:
         """This rank enters the collective call ``call`` ("step()", "state_dict()", ...): it posts it on
-        the phase board, where ranks whose collectives it fails to join will read it."""
+        the phase board, where ranks whose collectives it fails to join will read it. An optimizer another
+        took the parameters of (claims.py) raises instead."""
+        if self.retired is not None:
+            raise RuntimeError(self.retired)
+        self._post(call, step)
+
+    def _post(self, call: str, step: bool = False) -> None:
         self.phase, self.inside = Phase(self.phase.calls + 1, self.phase.steps + step, call), True
         self._board.post(self.phase)
 
     def mark(self, call: str) -> None:
         """Post ``call`` on the phase board as a call entered and left at once: a point every rank passes
         that holds no collective of ours (a forward under DDP)."""
-        self.enter(call)
+        self._post(call)
         self.leave()
 
     def leave(self) -> None:
@@ -223,6 +231,15 @@ class OnGroup:
     """What an optimizer over a process group tells about its place in it (``self._comm``)."""
 
     _comm: Comm
+
+    def _retire(self, reason: str) -> None:
+        """Another optimizer took parameters of this one (claims.py): stop acting on them, and raise
+        ``reason`` from every later collective call."""
+        self._release()
+        self._comm.retired = reason
+
+    def _release(self) -> None:
+        """Remove every hook this optimizer put on the parameters or modules."""
 
     @property
     def rank(self) -> int:

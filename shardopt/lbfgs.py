@@ -19,6 +19,7 @@ x + t d for every trial step t; with the full d that costs no communication per 
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from typing import Any, NamedTuple
@@ -28,13 +29,13 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from . import fingerprint, groups, owned_comm
+from . import claims, fingerprint, groups, owned_comm
 from . import state_dict as state_format
 from .comm import Comm, OnGroup
 from .lbfgs_flat import FlatSlices
 from .lbfgs_history import History, two_loop
 from .lbfgs_search import strong_wolfe
-from .state_view import ParamState
+from .state_view import ParamState, StateView
 
 #: The state vectors torch keeps full and this rank keeps a slice of (the lists: one per pair).
 VECTORS = ("d", "prev_flat_grad")
@@ -97,6 +98,10 @@ class ShardedLBFGS(OnGroup, ParamState, torch.optim.Optimizer):
         # torch's own validation and defaults (max_eval's), from a throwaway LBFGS.
         defaults = dict(torch.optim.LBFGS([torch.nn.Parameter(torch.zeros(1))], **keywords).defaults)
         super().__init__(params, defaults)
+        #: This rank's slices of the LBFGS state (torch's names), under the first parameter as torch keeps
+        #: it; ``opt.state`` stays empty.
+        self.shard_state: dict[Tensor, dict[str, Any]] = defaultdict(dict)
+        self.state = StateView()
         if len(self.param_groups) != 1:
             raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
         self._comm = Comm(process_group, timeout)
@@ -109,6 +114,7 @@ class ShardedLBFGS(OnGroup, ParamState, torch.optim.Optimizer):
         # Every rank must start from the same parameters, as DDP ensures at construction.
         with torch.no_grad():
             owned_comm.broadcast_from_first(self._comm, self._params, "the broadcast of the initial parameters")
+        claims.claim(self, self._params)
 
     # ------------------------------------------------------------------ evaluations
 
@@ -169,7 +175,7 @@ class ShardedLBFGS(OnGroup, ParamState, torch.optim.Optimizer):
         line_search_fn = group["line_search_fn"]
         history_size = group["history_size"]
 
-        state = self.state[self._params[0]]
+        state = self.shard_state[self._params[0]]
         state.setdefault("func_evals", 0)
         state.setdefault("n_iter", 0)
 
@@ -336,7 +342,7 @@ class ShardedLBFGS(OnGroup, ParamState, torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Collective: torch.optim.LBFGS's state_dict on every rank (its state under the first
         parameter), the sharded vectors all-gathered in one collective."""
-        entry = self.state.get(self._params[0]) if self._params else None
+        entry = self.shard_state.get(self._params[0]) if self._params else None
         sliced = []  # in the entry's key order, as they are taken back below
         for key, value in (entry or {}).items():
             if _sliced(key, value, VECTORS):
@@ -405,9 +411,9 @@ class ShardedLBFGS(OnGroup, ParamState, torch.optim.Optimizer):
                 history.sy, history.yy = gram
         self.param_groups[:] = new_groups
         self._params = new_groups[0]["params"]
-        self.state.clear()
+        self.shard_state.clear()
         if loaded:
-            self.state[self._params[0]] = loaded
+            self.shard_state[self._params[0]] = loaded
         self._history = history
 
     def _cast(self, value: Any) -> Any:
@@ -434,7 +440,8 @@ class ShardedLBFGS(OnGroup, ParamState, torch.optim.Optimizer):
         """This rank's bytes: the full parameters and gradients every rank holds, and its optimizer
         state: its slices of the vectors (about 1/N of torch.optim's), the scalars, the Gram matrices."""
         tensors = []
-        for value in self.state[self._params[0]].values() if self._params and self._params[0] in self.state else []:
+        entry = self.shard_state.get(self._params[0], {}) if self._params else {}
+        for value in entry.values():
             tensors += value if isinstance(value, list) else [value]
         state_bytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
         return {

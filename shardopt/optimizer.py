@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import algorithms, closure_loss, fingerprint, groups, kernels, sparse_grads
+from . import algorithms, claims, closure_loss, fingerprint, groups, kernels, sparse_grads
 from . import state_dict as state_format
 from .algorithms import Slices
 from .buffer import ShardedBuffer
@@ -227,6 +227,11 @@ class ShardedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer):
             raise
         self._shard_group(self.param_groups[group_index], group_index)
         self._members = groups.members(self.param_groups)
+        claims.claim(self, self.param_groups[group_index]["params"])
+
+    def _release(self) -> None:
+        self._gathers.wait_all()
+        self._reducer.remove_hooks()
 
     def _check_group(self, group: dict[str, Any], g: int) -> None:
         for flag in ("capturable", "differentiable"):

@@ -284,6 +284,10 @@ class GradReducer:
             self._finish(self._in_flight.popleft())
         return pool.take(buffer.layout.numel, key)
 
+    def remove_hooks(self) -> None:
+        """Backward no longer reports gradients to this reducer (its optimizer was retired)."""
+        self._hooks.remove()
+
     def end_of_backward(self) -> None:
         """Backward has ended. Stage 1 (unless DDP reduced it): every buffer is reduced now, and p.grad
         holds the mean gradient when backward returns, as under DDP."""

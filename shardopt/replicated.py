@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import closure_loss, fingerprint, groups, owned_comm
+from . import claims, closure_loss, fingerprint, groups, owned_comm
 from .backward_hooks import BackwardHooks
 from .comm import Comm, OnGroup
 from .ddp_watch import DDPWatch
@@ -117,6 +117,10 @@ class ReplicatedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer
         # Every rank must start from the same parameters, as DDP ensures at construction.
         with torch.no_grad():
             owned_comm.broadcast_from_first(self._comm, group["params"], "the broadcast of the initial parameters")
+        claims.claim(self, group["params"])
+
+    def _release(self) -> None:
+        self._hooks.remove()
 
     def _setup_items(self) -> list[fingerprint.Item]:
         """What every rank must construct alike besides the param groups."""

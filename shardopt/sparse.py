@@ -16,6 +16,7 @@ touched (sparse_exchange.py).
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -30,6 +31,7 @@ from . import algorithms, fingerprint, groups, owned_state, sparse_exchange
 from . import state_dict as state_format
 from .replicated import Reduced, ReplicatedOptimizer
 from .rows import entries_in, row_ranges, touched_rows
+from .state_view import StateView
 
 # torch.optim.SparseAdam's own message (torch/optim/sparse_adam.py), so users' handling still works.
 DENSE_GRADIENT_ERROR = "SparseAdam does not support dense gradients, please consider Adam instead"
@@ -78,9 +80,12 @@ class SparseRowOptimizer(ReplicatedOptimizer):
             timeout=timeout,
             kwargs=kwargs,
         )
+        self.state = StateView()
 
     def _prepare(self) -> None:
         self._rows: dict[Tensor, list[range]] = {}  # each parameter's row range per rank
+        #: Per parameter, the state of this rank's rows (torch's names); ``opt.state`` stays empty.
+        self.shard_state: dict[Tensor, dict[str, Any]] = defaultdict(dict)
 
     def _place(self, group: dict[str, Any]) -> None:
         """Cut each of ``group``'s parameters into one row range per rank."""
@@ -156,7 +161,7 @@ class SparseRowOptimizer(ReplicatedOptimizer):
             if param not in slices:
                 continue
             rows = self._rows[param][self.rank]
-            state = self.state[param]
+            state = self.shard_state[param]
             if not state:  # as torch creates it, for this rank's rows only
                 state["step"] = 0
                 for name in STATE_NAMES:
@@ -197,7 +202,7 @@ class SparseRowOptimizer(ReplicatedOptimizer):
         # A rank one step() ahead would pair that step's collectives with these: agree first.
         with self._comm.call("state_dict()", agree=True):
             for param in self._params():
-                state = self.state.get(param)
+                state = self.shard_state.get(param)
                 if not state:
                     continue
                 shards = [state[name] for name in STATE_NAMES]
@@ -237,8 +242,8 @@ class SparseRowOptimizer(ReplicatedOptimizer):
     def _restore_state(self, new_groups: list[dict[str, Any]], mine: dict[Tensor, dict[str, Any]]) -> None:
         """Local: install checked param groups and the state of this rank's rows."""
         self.param_groups[:] = new_groups
-        self.state.clear()
-        self.state.update(mine)
+        self.shard_state.clear()
+        self.shard_state.update(mine)
 
     # ------------------------------------------------------------------ introspection
 
@@ -255,7 +260,7 @@ class SparseRowOptimizer(ReplicatedOptimizer):
             ),
             "state_bytes": sum(
                 t.numel() * t.element_size()
-                for entry in self.state.values()
+                for entry in self.shard_state.values()
                 for t in entry.values()
                 if isinstance(t, Tensor)
             ),

@@ -16,6 +16,7 @@ from tests.common import (
     flat_params,
     loss_of,
     make_model,
+    reference_run,
     set_mean_grads,
 )
 from tests.world import run_world
@@ -144,3 +145,43 @@ def test_parameters_added_to_a_group_by_hand_are_an_error_on_every_rank() -> Non
         for algorithm, message in found.items():
             assert "changed by hand" in message and "5 tensors where 4 were laid out" in message, (algorithm, rank)
             assert "add_param_group" in message and "on 2 rank(s)" in message, (algorithm, rank)
+
+
+def two_over_one_model() -> dict[str, Any]:
+    """Per algorithm, with two shardopt optimizers built over the same parameters: what the first one's
+    step() raised, and the parameters after three steps of the second (which took them) alone."""
+    import torch.distributed as dist
+
+    rank, found = dist.get_rank(), {}
+    for algorithm in ("AdamW", "Adafactor"):
+        model = make_model()
+        keywords = {"lr": 1e-2, **({"stage": 2} if algorithm == "AdamW" else {})}  # stage 2 takes p.grad away
+        first = shardopt.ShardedOptimizer(model.parameters(), algorithm, **keywords)
+        second = shardopt.ShardedOptimizer(model.parameters(), algorithm, **keywords)
+        loss_of(model, rank, 0).backward()
+        try:
+            first.step()
+            found[algorithm] = "no error"
+        except RuntimeError as error:
+            found[algorithm] = str(error)
+        for step in range(3):
+            if step:
+                loss_of(model, rank, step).backward()
+            second.step()
+            second.zero_grad()
+        found[f"{algorithm} trajectory"] = flat_params(model)
+    return found
+
+
+def test_a_second_optimizer_over_the_same_parameters_retires_the_first_on_every_rank() -> None:
+    """Before, both hooked the gradients and neither trained, without an error. Now the newer one trains
+    them exactly as torch.optim would (rebuilding an optimizer keeps working), and any collective call
+    of the older one raises, on every rank, naming the fix."""
+    for found in run_world(two_over_one_model, 2):
+        for algorithm, torch_class in (("AdamW", torch.optim.AdamW), ("Adafactor", torch.optim.Adafactor)):
+            message = found[algorithm]
+            assert message.startswith("shardopt: this "), message
+            assert "no longer trains its parameter 0 of param group 0" in message, message
+            assert "Optimizer created after it took that parameter" in message, message
+            trajectory, _ = reference_run(torch_class, {"lr": 1e-2}, 2, 3)
+            torch.testing.assert_close(found[f"{algorithm} trajectory"], trajectory[-1], rtol=1e-5, atol=1e-6)

@@ -411,11 +411,11 @@ def test_grad_scaler_and_clipping_are_refused_clearly() -> None:
         scaler.scale(_loss(model, 0, 0, torch.float32)).backward()
         with pytest.raises(TypeError, match="a GradScaler cannot drive LBFGS: its step\\(\\) re-evaluates the closure"):
             scaler.step(optimizer, _closure(optimizer, model))
-    assert not optimizer.state, "nothing ran"
+    assert not optimizer.shard_state, "nothing ran"
     with pytest.raises(RuntimeError, match="clip_grad_norm_ is not supported for LBFGS"):
         optimizer.clip_grad_norm_(1.0)
     optimizer.step(_closure(optimizer, model))  # and it still steps without a scaler
-    assert optimizer.state
+    assert optimizer.shard_state
 
 
 def test_load_rejects_another_models_state() -> None:
@@ -432,4 +432,4 @@ def test_load_rejects_another_models_state() -> None:
     optimizer = ShardedLBFGS(model.parameters())
     with pytest.raises(ValueError, match="has 10 elements but the parameters have 61"):
         optimizer.load_state_dict(other.state_dict())
-    assert not optimizer.state
+    assert not optimizer.shard_state

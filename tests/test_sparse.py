@@ -242,7 +242,7 @@ def dense_gradient_run() -> tuple[str, bool, str]:
         dense = "no error"
     except RuntimeError as error:
         dense = str(error)
-    untouched = torch.equal(before, embedding.weight) and not optimizer.state
+    untouched = torch.equal(before, embedding.weight) and not optimizer.shard_state
     wrong = {"state": {0: {"step": 1, "exp_avg": torch.zeros(3, DIM), "exp_avg_sq": torch.zeros(3, DIM)}}}
     wrong["param_groups"] = optimizer.state_dict()["param_groups"]
     try:
@@ -250,7 +250,7 @@ def dense_gradient_run() -> tuple[str, bool, str]:
         mismatch = "no error"
     except ValueError as error:
         mismatch = str(error)
-    return dense, untouched and not optimizer.state, mismatch
+    return dense, untouched and not optimizer.shard_state, mismatch
 
 
 def test_a_dense_gradient_gets_torchs_error_on_every_rank() -> None:

@@ -66,3 +66,35 @@ def test_param_state_is_torchs_state_and_opt_state_and_copies_say_what_to_use() 
                 assert sorted(state) == sorted(expected), (label, index)
                 for name, value in expected.items():
                     torch.testing.assert_close(state[name], value, msg=f"{label} parameter {index}: {name}")
+
+
+def sparse_and_lbfgs_state() -> dict[str, Any]:
+    """SparseAdam and LBFGS after a step: what ``opt.state[p]`` raised, and ``param_state(p)``'s names.
+    (They once kept this rank's rows or slices in ``opt.state``: a part, read silently as the whole.)"""
+    import torch.distributed as dist
+
+    rank, found = dist.get_rank(), {}
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    sparse = shardopt.SparseRowOptimizer(embedding.parameters(), "sparseadam", lr=1e-2)
+    embedding(torch.tensor([rank, 3])).sum().backward()
+    sparse.step()
+    model = make_model()
+    lbfgs = shardopt.ShardedLBFGS(model.parameters(), lr=0.1)
+    lbfgs.step(lambda: loss_of(model, rank, 0).backward() or loss_of(model, rank, 0))
+    first = lbfgs.param_groups[0]["params"][0]  # LBFGS keeps its state under the first parameter, as torch does
+    for name, optimizer, param in (("SparseAdam", sparse, embedding.weight), ("LBFGS", lbfgs, first)):
+        try:
+            optimizer.state[param]
+            found[name] = "no error"
+        except KeyError as error:
+            found[name] = str(error)
+        found[f"{name} names"] = sorted(optimizer.param_state(param))
+    return found
+
+
+def test_sparse_adam_and_lbfgs_keep_opt_state_empty_too() -> None:
+    for found in run_world(sparse_and_lbfgs_state, WORLD):
+        for name in ("SparseAdam", "LBFGS"):
+            assert "opt.param_state(param)" in found[name], found[name]
+        assert found["SparseAdam names"] == ["exp_avg", "exp_avg_sq", "step"]
+        assert "d" in found["LBFGS names"] and "old_dirs" in found["LBFGS names"], found["LBFGS names"]

@@ -25,7 +25,7 @@ class RowPart(Part):
 
     def describe(self, params: list[dict[str, Any]]) -> None:
         for number, param in self.numbered():
-            if self.optimizer.state.get(param):
+            if self.optimizer.shard_state.get(param):
                 params[number]["scalar_state"] = list(SCALARS)
                 params[number]["tensor_state"] = list(STATE_NAMES)
 
@@ -38,7 +38,7 @@ class RowPart(Part):
         flat_names = [name for group in names for name in group]
         entries: dict[str, Any] = {}
         for number, param in self.numbered():
-            state = self.optimizer.state.get(param)
+            state = self.optimizer.shard_state.get(param)
             if not state:
                 continue
             entries[self.key(flat_names[number], "step")] = torch.tensor(state["step"], dtype=torch.int64)

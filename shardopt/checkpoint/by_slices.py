@@ -32,7 +32,7 @@ class SlicePart(Part):
         """This rank's state entry with each vector replaced by a reference to its DCP key, and the
         vectors (this rank's slices) by key; an empty entry where there is no state yet."""
         first = self.optimizer.param_groups[0]["params"][0]
-        entry = self.optimizer.state.get(first) or {}
+        entry = self.optimizer.shard_state.get(first) or {}
         references: dict[str, Any] = {}
         vectors: dict[str, Tensor] = {}
 
