@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from . import hook_handles
+
 
 class BackwardHooks:
     """Calls ``on_gradient(key)`` as each added parameter gets its gradient (after accumulation into
@@ -29,16 +31,18 @@ class BackwardHooks:
         self._on_gradient = on_gradient
         self._queued = False
         self._handles: list[RemovableHandle] = []
-        weakref.finalize(self, _remove_all, self._handles)
+        weakref.finalize(self, hook_handles.discard, self._handles)
 
     def add(self, params: Iterable[Tensor], keys: Iterable[Hashable]) -> None:
         """Hook ``params``; ``keys`` (one per parameter) are what ``on_gradient`` is called with."""
+        hook_handles.sweep()
         me = weakref.ref(self)
         self._handles += [param.register_post_accumulate_grad_hook(_hook(me, key)) for param, key in zip(params, keys)]
 
     def remove(self) -> None:
         """Remove every hook: later backwards call nothing."""
-        _remove_all(self._handles)
+        hook_handles.discard(self._handles)
+        hook_handles.sweep()
         self._handles.clear()
 
     def gradient(self, key: Hashable) -> None:
@@ -69,8 +73,3 @@ def _end(hooks: weakref.ref[BackwardHooks]) -> Callable[[], None]:
             live.end()
 
     return callback
-
-
-def _remove_all(handles: list[RemovableHandle]) -> None:
-    for handle in handles:
-        handle.remove()

@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
+from . import hook_handles
+
 
 class DDPWatch:
     """Watches the forwards of DDP modules that hold some of the parameters given to :meth:`add`;
@@ -37,7 +39,7 @@ class DDPWatch:
         self._holds.clear()
         if self._handle is None:
             self._handle = _install(weakref.ref(self))
-            weakref.finalize(self, self._handle.remove)
+            weakref.finalize(self, hook_handles.discard, [self._handle])
 
     def saw(self, module: nn.Module) -> None:
         holds = self._holds.get(module)
@@ -67,4 +69,4 @@ def _install(watch: weakref.ref[DDPWatch]) -> RemovableHandle:
             if live is not None:
                 live.saw(module)
 
-    return nn.modules.module.register_module_forward_pre_hook(before_forward)
+    return hook_handles.forward_pre_hook(before_forward)

@@ -39,3 +39,8 @@ def own_group(group: dist.ProcessGroup, timeout: timedelta) -> dist.ProcessGroup
             use_local_synchronization=True,
         )
     return groups[timeout]
+
+
+def own_groups() -> list[dist.ProcessGroup]:
+    """The groups :func:`own_group` created that are still alive: state a process keeps on purpose."""
+    return [group for groups in list(_OWN.values()) for group in groups.values()]

@@ -24,6 +24,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from . import hook_handles
 from .buffer import ShardedBuffer
 from .comm import Comm, Pending
 from .staging import StagingPool
@@ -137,5 +138,5 @@ def _install_waiter(gathers: weakref.ref[ParamGathers]) -> RemovableHandle:
             return
         live.before_forward(module)
 
-    handle = nn.modules.module.register_module_forward_pre_hook(before_forward)
+    handle = hook_handles.forward_pre_hook(before_forward)
     return handle

@@ -8,6 +8,7 @@ import multiprocessing
 import pathlib
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,6 +158,8 @@ SAVES = 150  # by the saver, while the reader loads as often as it can
 
 def _saver(path: pathlib.Path) -> None:
     model, optimizer = trained(1)
+    while not (path.parent / "reading").exists():  # the reader has imported everything: the race is on
+        time.sleep(0.01)
     for k in range(SAVES):
         with torch.no_grad():
             for param in model.parameters():
@@ -169,6 +172,7 @@ def _reader(path: pathlib.Path) -> None:
     """Loads until the saver is done: how many loads returned weights of one save and the extra of
     another (a torn mix), how many were consistent, and how many raised (in counts.json)."""
     counts = {"mixed": 0, "whole": 0, "raised": 0}
+    (path.parent / "reading").touch()
     while not (path.parent / "done").exists():
         model, optimizer = trained(0)
         try:

@@ -10,6 +10,7 @@ next call spawns a new one. ``fresh=True`` gives a call a world of its own, as e
 from __future__ import annotations
 
 import atexit
+import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -120,6 +121,13 @@ def _process_state(modules: list[str]) -> dict[str, Any]:
     import torch.distributed as dist
     from torch.nn.modules import module
 
+    from shardopt.hook_handles import sweep
+    from shardopt.own_group import own_groups
+
+    # What the call dropped is collected, and its hooks removed, as a later call would find them.
+    gc.collect()
+    sweep()
+    own = {id(group) for group in own_groups()}
     return {
         "torch": (
             torch.get_default_dtype(),
@@ -134,8 +142,9 @@ def _process_state(modules: list[str]) -> dict[str, Any]:
             for name, hooks in vars(module).items()
             if name.startswith("_global_") and isinstance(hooks, dict)
         },
-        # e.g. the group of an async checkpoint writer
-        "process groups": [id(group) for group in dist.distributed_c10d._world.pg_map],
+        # e.g. the group of an async checkpoint writer; not the groups shardopt runs its collectives on, which
+        # serve every later optimizer over the world (own_group.py)
+        "process groups": [id(group) for group in dist.distributed_c10d._world.pg_map if id(group) not in own],
         # e.g. an async checkpoint writer's; not daemons such as the progress monitor torch's compiler starts
         "threads": sum(not thread.daemon for thread in threading.enumerate()),
         "environment": _environment(),
