@@ -57,13 +57,13 @@ def _rank(rank: int, world_size: int, directory: pathlib.Path, fault: str, port:
     try:
         for step in range(4):
             optimizer.zero_grad()
+            if victim and step == 2:
+                (directory / "fault").write_text(str(time.time()))
             if victim and step == 2 and fault == "stuck":
                 time.sleep(GROUP_TIMEOUT.total_seconds())  # until the parent kills it
             loss = model(data + rank).square().mean()
             if victim and step == 2 and fault == "backward":
                 loss.register_hook(lambda grad: os._exit(3))
-            if victim and step == 2:
-                (directory / "fault").write_text(str(time.time()))
             loss.backward()
             if victim and step == 2 and fault in ("step", "store host"):
                 os._exit(3)
