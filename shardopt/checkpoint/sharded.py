@@ -50,6 +50,7 @@ from .errors import CheckpointError, agree
 from .part import Part, Staging, listed
 from .storage import (
     MANIFEST,
+    REPLACED,
     SafeReader,
     check_target,
     leftovers,
@@ -66,6 +67,8 @@ from .storage import (
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 DCP_ERRORS = (Exception, CheckpointException)  # DCP's exception is a BaseException
+# Reads of a checkpoint that a save replaced meanwhile (storage.Pinned): the next read finds the new one.
+READ_ATTEMPTS = 3
 PARTS: tuple[type[Part], ...] = (ElementPart, OwnerPart, RowPart, SlicePart)
 
 #: ``optimizer=``: one optimizer, or a list or tuple of them (``scheduler=``: one per optimizer).
@@ -321,7 +324,21 @@ def load(
     """
     path = pathlib.Path(os.fspath(path))
     optimizers, schedulers = listed(optimizer, scheduler)
-    with _settled(optimizers, "checkpoint.load") as (comm, parts), pinned(path) as held:
+    with _settled(optimizers, "checkpoint.load") as (comm, parts):
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                restore = _read(path, model, parts, schedulers, comm)
+                break
+            except CheckpointError as error:
+                # The message is the lowest failing rank's on every rank: all retry, or none does.
+                if REPLACED not in str(error) or attempt == READ_ATTEMPTS:
+                    raise
+        return _install(restore, model, parts, schedulers)
+
+
+def _read(path: pathlib.Path, model: nn.Module, parts: list[Part], schedulers: list[Any], comm: Comm) -> _Restore:
+    """Collective: read and check the checkpoint at ``path`` (one directory, held open), changing nothing."""
+    with pinned(path) as held:
         restore, error = None, None
         try:
             restore = _prepare_load(held.directory, model, parts, schedulers)
@@ -338,7 +355,7 @@ def load(
             planner=LoadPlanner(),
         )
         _check_same_checkpoint(restore, comm, path)
-        return _install(restore, model, parts, schedulers)
+        return restore
 
 
 def _check_same_checkpoint(restore: _Restore, comm: Comm, path: pathlib.Path) -> None:

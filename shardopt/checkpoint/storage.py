@@ -43,6 +43,7 @@ MANIFEST = "shardopt.json"
 MARKER = "COMPLETE"
 DCP_METADATA = ".metadata"
 PARTIAL = ".partial-"
+REPLACED = "was replaced by a newer checkpoint while it was read"
 
 
 def partial_path(path: pathlib.Path, token: int) -> pathlib.Path:
@@ -186,7 +187,7 @@ class Pinned:
         where a newer checkpoint replaced it during the read."""
         message = describe(error).replace(str(self.directory), str(self.path))
         if self._descriptor is not None and self._replaced():
-            message = f"{self.path} was replaced by a newer checkpoint while it was read ({message}); load it again"
+            message = f"{self.path} {REPLACED} ({message}); load it again"
         return CheckpointError(message)
 
     def _replaced(self) -> bool:
