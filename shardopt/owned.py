@@ -26,7 +26,6 @@ from . import algorithms, fingerprint, groups, owned_comm, owned_state
 from . import state_dict as state_format
 from .ownership import assign_owners, update_cost
 from .replicated import Reduced, ReplicatedOptimizer
-from .state_view import StateView
 
 
 class OwnedOptimizer(ReplicatedOptimizer):
@@ -74,7 +73,6 @@ class OwnedOptimizer(ReplicatedOptimizer):
             timeout=timeout,
             kwargs=kwargs,
         )
-        self.state = StateView()  # the owners' torch optimizers hold it
 
     def _prepare(self) -> None:
         self._owner: dict[Tensor, int] = {}

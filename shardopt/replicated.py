@@ -31,7 +31,7 @@ from .comm import Comm, OnGroup
 from .ddp_watch import DDPWatch
 from .grad_checks import GradChecks, on_owner
 from .phases import BACKWARD, DDP_FORWARD
-from .state_view import ParamState
+from .state_view import ParamState, StateView
 
 GRAD_REDUCTIONS = ("mean", "sum", None)
 OUR_KEYWORDS = ("process_group", "grad_reduction", "timeout")
@@ -84,6 +84,7 @@ class ReplicatedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer
         self.skipped_steps = 0
         self._prepare()
         torch.optim.Optimizer.__init__(self, params, defaults)
+        self.state = StateView()  # each scheme keeps its part of the state elsewhere (owners, rows)
 
     def _prepare(self) -> None:
         """Set up what :meth:`_place` fills, before the first group is added."""

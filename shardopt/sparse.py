@@ -31,7 +31,6 @@ from . import algorithms, fingerprint, groups, owned_state, sparse_exchange
 from . import state_dict as state_format
 from .replicated import Reduced, ReplicatedOptimizer
 from .rows import entries_in, row_ranges, touched_rows
-from .state_view import StateView
 
 # torch.optim.SparseAdam's own message (torch/optim/sparse_adam.py), so users' handling still works.
 DENSE_GRADIENT_ERROR = "SparseAdam does not support dense gradients, please consider Adam instead"
@@ -80,7 +79,6 @@ class SparseRowOptimizer(ReplicatedOptimizer):
             timeout=timeout,
             kwargs=kwargs,
         )
-        self.state = StateView()
 
     def _prepare(self) -> None:
         self._rows: dict[Tensor, list[range]] = {}  # each parameter's row range per rank

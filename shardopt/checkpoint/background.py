@@ -39,16 +39,16 @@ class SaveFuture(Future):  # type: ignore[type-arg]
         return super().exception(timeout)
 
 
-# Every background save of this process until it is reported at exit (a failed one nobody asked about).
-_SAVES: list[SaveFuture] = []
+# The background saves of this process that failed, with their errors: at exit, those nobody asked about
+# are said.
+_FAILED: list[tuple[SaveFuture, BaseException]] = []
 
 
 @atexit.register
 def _report_unasked_failures() -> None:
     """At exit, after the interpreter joined the writers' threads: say every failed save nobody asked about."""
-    for save in _SAVES:
-        if save.done() and not save.asked and super(SaveFuture, save).exception() is not None:
-            error = super(SaveFuture, save).exception()
+    for save, error in _FAILED:
+        if not save.asked:
             sys.stderr.write(
                 f"shardopt: the background checkpoint save to {save.path} failed, and the program ended without "
                 f"asking its future for the result: the checkpoint was NOT saved ({type(error).__name__}: {error}). "
@@ -87,10 +87,10 @@ class AsyncWriter:
             if error is None:
                 save.set_result(None)
             else:
+                _FAILED.append((save, error))
                 save.set_exception(error)
 
         done.add_done_callback(settle)
-        _SAVES.append(save)
         return save
 
     def wait(self) -> None:
