@@ -68,7 +68,11 @@ class Comm:
         # worker threads while Python still runs. A group an optimizer kept alive is destroyed at
         # interpreter exit instead, where a worker still releasing the tensors of a last collective
         # cannot take the GIL and the process aborts ("terminate called without an active exception").
-        self._group = weakref.ref(own_group(process_group, self.timeout))
+        try:  # collective the first time over this group with this timeout: a rank that never comes is named
+            own = own_group(process_group, self.timeout)
+        except RuntimeError as error:  # torch's DistStoreError of a store-based barrier is one
+            raise self._explained("the creation of shardopt's process group", error) from error
+        self._group = weakref.ref(own)
         # gloo's reduce-scatter and all-gather are its slowest collectives: on gloo shardopt sends the
         # same bytes around a ring of point-to-point messages (ring.py), 2-3x faster. NCCL keeps its own
         # collectives, rings already.
@@ -171,12 +175,15 @@ class Comm:
             if work is not None and not work.wait(self.timeout):
                 raise RuntimeError("the wait returned without completing")
         except RuntimeError as error:
-            survey = self._board.survey(self.phase)
-            if isinstance(survey, str):  # the board could not be read
-                self._failed = self._failure(what, survey, error)
-            else:
-                self._failed = self._failure(what, survey.explain(), error, desync=bool(survey.astray))
+            self._failed = self._explained(what, error)
             raise self._failed from error
+
+    def _explained(self, what: str, error: RuntimeError) -> RuntimeError:
+        """The error of ``what``, which did not complete, with what the phase board says of the others."""
+        survey = self._board.survey(self.phase)
+        if isinstance(survey, str):  # the board could not be read
+            return self._failure(what, survey, error)
+        return self._failure(what, survey.explain(), error, desync=bool(survey.astray))
 
     def all_reduce_(self, tensor: Tensor, what: str, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Pending:
         """Every rank: ``tensor`` becomes the element-wise reduction of all ranks' ``tensor``."""

@@ -139,3 +139,27 @@ def test_the_board_names_the_ranks_behind_and_those_in_another_call() -> None:
     assert elsewhere.astray == [1]
     story = elsewhere.explain()
     assert story.endswith("rank 0 is in state_dict() after 2 step() calls while rank 1 is in step() call 3"), story
+
+
+def _construct_alone(rank: int, world_size: int, directory: pathlib.Path) -> None:
+    import torch.distributed as dist
+
+    join_world(rank, world_size, directory)
+    if rank == 0:  # the first optimizer of the world: it creates shardopt's process group (own_group.py)
+        try:
+            shardopt.Adam(make_model().parameters(), lr=1e-2, timeout=2)
+            error = "no error"
+        except RuntimeError as caught:
+            error = str(caught)
+        (directory / "rank0.txt").write_text(error)
+    dist.barrier()  # rank 1 waits here until rank 0 has its error
+    os._exit(0)
+
+
+def test_a_rank_that_does_not_build_the_first_optimizer_is_named(tmp_path: pathlib.Path) -> None:
+    """Rank 1 never builds the optimizer rank 0 builds: rank 0's error names rank 1 after the timeout
+    (not torch's "wait timeout after 4000ms, keys: /default_pg/0//..." of the group's creation)."""
+    assert run_ranks(_construct_alone, 2, tmp_path) == [0, 0]
+    error = (tmp_path / "rank0.txt").read_text()
+    assert error.startswith("shardopt: the creation of shardopt's process group on rank 0 of 2 did not complete"), error
+    assert "rank 1 did not answer: rank 1 posted nothing on the phase board" in error, error
