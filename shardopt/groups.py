@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def torch_defaults(
@@ -33,6 +34,19 @@ def describe(group: Mapping[str, Any], g: int, i: int) -> str:
     return f"parameter {i}{name} of param group {g}"
 
 
+SHARDED_ALREADY = (
+    "{where} is a DTensor: FSDP (fully_shard, Accelerate's or Lightning's FSDP, Trainer's --fsdp) or tensor "
+    "parallelism shards it already, and shardopt shards plain data-parallel parameters; use torch.optim with "
+    "FSDP, or leave FSDP out and let shardopt shard the optimizer state (DDP or no wrapper)"
+)
+
+
+def check_plain(param: torch.Tensor, where: str) -> None:
+    """Refuse a parameter another library shards (a DTensor): shardopt's shards of it would be wrong."""
+    if isinstance(param, DTensor):
+        raise TypeError(SHARDED_ALREADY.format(where=where))
+
+
 def members(param_groups: list[dict[str, Any]]) -> list[tuple[int, ...]]:
     """Which tensors each group holds (by identity): what the optimizer laid out, to compare at each step."""
     return [tuple(map(id, group["params"])) for group in param_groups]
@@ -47,7 +61,16 @@ def edited(param_groups: list[dict[str, Any]], laid_out: list[tuple[int, ...]]) 
     if len(now) != len(laid_out):
         return f"{len(now)} param groups where {len(laid_out)} were added"
     g = next(g for g, (a, b) in enumerate(zip(now, laid_out)) if a != b)
-    return f"param_groups[{g}]['params'] holds {len(now[g])} tensors where {len(laid_out[g])} were laid out"
+    if len(now[g]) != len(laid_out[g]):
+        return f"param_groups[{g}]['params'] holds {len(now[g])} tensors where {len(laid_out[g])} were laid out"
+    i = next(i for i, (a, b) in enumerate(zip(now[g], laid_out[g])) if a != b)
+    replaced = f"param_groups[{g}]['params'][{i}] was replaced by another tensor"
+    if isinstance(param_groups[g]["params"][i], DTensor):
+        return (
+            f"{replaced}, a DTensor, as FSDP's wrapping does; shardopt cannot shard what FSDP shards already: "
+            "use torch.optim with FSDP, or leave FSDP out"
+        )
+    return replaced
 
 
 EDITED = (

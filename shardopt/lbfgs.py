@@ -104,6 +104,8 @@ class ShardedLBFGS(OnGroup, ParamState, torch.optim.Optimizer):
         self.state = StateView()
         if len(self.param_groups) != 1:
             raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
+        for i, param in enumerate(self.param_groups[0]["params"]):
+            groups.check_plain(param, groups.describe(self.param_groups[0], 0, i))
         self._comm = Comm(process_group, timeout)
         items = [("the algorithm (LBFGS)", fingerprint.stable_hash("LBFGS"))]
         items += fingerprint.group_items(self.param_groups[0], 0, groups.describe)

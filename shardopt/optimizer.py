@@ -246,6 +246,7 @@ class ShardedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer):
             if param in seen:
                 raise ValueError(f"{where} appears twice in the group; pass each parameter once")
             seen.add(param)
+            groups.check_plain(param, where)
             if not param.is_leaf:
                 raise ValueError(f"can't optimize a non-leaf Tensor: {where} is the result of an operation")
             if not (param.is_floating_point() and not param.is_complex()):

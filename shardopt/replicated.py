@@ -140,6 +140,7 @@ class ReplicatedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer
             if param in seen:
                 raise ValueError(f"{where} appears twice in the group; pass each parameter once")
             seen.add(param)
+            groups.check_plain(param, where)
             self._check_param(param, where)
             if self._comm.world_size > 1 and param.device.type != self._comm.device.type:
                 raise ValueError(

@@ -15,9 +15,15 @@ import shardopt
 from tests.world import run_world
 
 WORLD = 2
-ALGORITHMS = {
-    "AdamW": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
-    "SGD": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+# The optimizers each framework test runs: the torch.optim class, its keywords, and shardopt's. AdamW
+# and SGD with momentum at shardopt's defaults (the drop-in); AdamW at stage 2 (gradients sharded too:
+# under a framework's DDP it takes DDP's gradients); Adafactor, of the scheme that keeps whole tensors
+# on owner ranks and reduces at the end of backward.
+SETTINGS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any], dict[str, Any]]] = {
+    "AdamW": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}, {}),
+    "SGD": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, {}),
+    "AdamW-stage2": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}, {"stage": 2}),
+    "Adafactor": (torch.optim.Adafactor, {"lr": 1e-2}, {}),
 }
 
 
@@ -43,14 +49,14 @@ def torchrun_environment() -> None:
 
 
 def make_optimizer(
-    params: Iterable[Any], algorithm: str, sharded: bool, lr: float | None = None, **ours: Any
+    params: Iterable[Any], setting: str, sharded: bool, lr: float | None = None, **ours: Any
 ) -> torch.optim.Optimizer:
-    """``algorithm`` with its test keywords (``lr`` instead of its own where given): shardopt's, with
-    shardopt's keywords ``ours``, or plain torch.optim's."""
-    torch_class, kwargs = ALGORITHMS[algorithm]
+    """The optimizer of ``setting`` (``lr`` instead of its own where given): shardopt's, with the
+    setting's keywords and ``ours`` over them, or plain torch.optim's."""
+    torch_class, kwargs, keywords = SETTINGS[setting]
     kwargs = kwargs if lr is None else {**kwargs, "lr": lr}
     if sharded:
-        return shardopt.ShardedOptimizer(params, torch_class, **kwargs, **ours)
+        return shardopt.ShardedOptimizer(params, torch_class, **kwargs, **{**keywords, **ours})
     return torch_class(params, **kwargs)
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.common import flat_params, loss_of, make_model
-from tests.frameworks import ALGORITHMS, compare_with_torch, make_optimizer, torchrun_environment
+from tests.frameworks import SETTINGS, compare_with_torch, make_optimizer, torchrun_environment
 
 STEPS = 4
 MAX_NORM = 0.05
@@ -50,20 +50,20 @@ def _steps(accelerator: Any, model: Any, opt: Any, steps: range, micro: int) -> 
     return {"losses": losses, "norms": norms, "trajectory": trajectory}
 
 
-def accelerate_runs(algorithm: str, sharded: bool, directory: pathlib.Path) -> dict[str, Any]:
+def accelerate_runs(setting: str, sharded: bool, directory: pathlib.Path) -> dict[str, Any]:
     results = {}
     for micro in (1, 2):
         accelerator = _accelerator(micro)
         model = make_model()
-        optimizer = make_optimizer(model.parameters(), algorithm, sharded)
+        optimizer = make_optimizer(model.parameters(), setting, sharded)
         model, optimizer = accelerator.prepare(model, optimizer)
         results[f"accumulate {micro}"] = _steps(accelerator, model, optimizer, range(STEPS), micro)
     # save_state after two steps, two more; then a new model and optimizer resumed by load_state.
     accelerator = _accelerator(1)
     model = make_model()
-    model, optimizer = accelerator.prepare(model, make_optimizer(model.parameters(), algorithm, sharded))
+    model, optimizer = accelerator.prepare(model, make_optimizer(model.parameters(), setting, sharded))
     _steps(accelerator, model, optimizer, range(2), 1)
-    checkpoint = directory / f"{algorithm}-{sharded}"
+    checkpoint = directory / f"{setting}-{sharded}"
     accelerator.save_state(str(checkpoint))
     results["uninterrupted"] = _steps(accelerator, model, optimizer, range(2, STEPS), 1)
     accelerator = _accelerator(1)  # as a new process would: nothing of the first run but its files
@@ -71,17 +71,17 @@ def accelerate_runs(algorithm: str, sharded: bool, directory: pathlib.Path) -> d
     with torch.no_grad():
         for param in model.parameters():
             param.fill_(0.5)  # load_state must bring the weights back
-    model, optimizer = accelerator.prepare(model, make_optimizer(model.parameters(), algorithm, sharded))
+    model, optimizer = accelerator.prepare(model, make_optimizer(model.parameters(), setting, sharded))
     accelerator.load_state(str(checkpoint))
     results["resumed"] = _steps(accelerator, model, optimizer, range(2, STEPS), 1)
     results["files"] = sorted(path.name for path in checkpoint.iterdir())
     return results
 
 
-@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
-def test_accelerate_trains_shardopt_as_torch_optim(algorithm: str, tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_accelerate_trains_shardopt_as_torch_optim(setting: str, tmp_path: pathlib.Path) -> None:
     names = ("accumulate 1", "accumulate 2", "uninterrupted", "resumed")
-    ours, reference = compare_with_torch(accelerate_runs, algorithm, tmp_path, names)
+    ours, reference = compare_with_torch(accelerate_runs, setting, tmp_path, names)
     for mine, theirs in zip(ours, reference):
         # Resumed from save_state's files, the run continues the uninterrupted one exactly.
         resumed, uninterrupted = mine["resumed"], mine["uninterrupted"]

@@ -6,8 +6,7 @@ between ``clip_grad_norm_`` and ``step()`` must land on the optimizer itself. Ea
 Fabric's own calls (``fabric.backward``, ``fabric.clip_gradients``, ``fabric.no_backward_sync``,
 ``fabric.save`` / ``fabric.load``) and is compared with Fabric driving plain torch.optim: losses,
 returned norms and parameters to fp32 parity bounds; shardopt's own ``clip_grad_norm_``, called
-on Fabric's wrapper (at stage 2 too), is compared with torch's
-over the parameters.
+on Fabric's wrapper, is compared with torch's over the parameters.
 """
 
 from __future__ import annotations
@@ -19,15 +18,15 @@ import pytest
 import torch
 
 from tests.common import flat_params, loss_of, make_model
-from tests.frameworks import ALGORITHMS, WORLD, compare_with_torch, make_optimizer, torchrun_environment
+from tests.frameworks import SETTINGS, WORLD, compare_with_torch, make_optimizer, torchrun_environment
 
 STEPS = 4
 MAX_NORM = 0.05
-# (how the gradients are clipped, micro-batches per step, shardopt's keywords)
+# (how the gradients are clipped, micro-batches per step)
 SCENARIOS = {
-    "clip_gradients": ("fabric", 1, {}),
-    "accumulate": ("fabric", 2, {}),
-    "own clip_grad_norm_, stage 2": ("optimizer", 1, {"stage": 2}),
+    "clip_gradients": ("fabric", 1),
+    "accumulate": ("fabric", 2),
+    "own clip_grad_norm_": ("optimizer", 1),
 }
 
 
@@ -41,10 +40,10 @@ def _fabric() -> Any:
     return fabric
 
 
-def _run(fabric: Any, algorithm: str, sharded: bool, scenario: str, directory: pathlib.Path) -> dict[str, Any]:
-    clip, micro, keywords = SCENARIOS[scenario]
+def _run(fabric: Any, setting: str, sharded: bool, scenario: str, directory: pathlib.Path) -> dict[str, Any]:
+    clip, micro = SCENARIOS[scenario]
     model = make_model()
-    wrapped, optimizer = fabric.setup(model, make_optimizer(model.parameters(), algorithm, sharded, **keywords))
+    wrapped, optimizer = fabric.setup(model, make_optimizer(model.parameters(), setting, sharded))
     losses, norms, trajectory = [], [], []
     for step in range(STEPS):
         for index in range(micro):
@@ -62,11 +61,11 @@ def _run(fabric: Any, algorithm: str, sharded: bool, scenario: str, directory: p
         optimizer.step()
         optimizer.zero_grad()
         trajectory.append(flat_params(model))
-    path = directory / f"{algorithm}-{sharded}-{scenario}.ckpt"
+    path = directory / f"{setting}-{sharded}-{scenario}.ckpt"
     fabric.save(path, {"model": wrapped, "optimizer": optimizer})
     # A new model and optimizer loaded from it take one more step as the first ones would have.
     fresh = make_model()
-    fresh_wrapped, again = fabric.setup(fresh, make_optimizer(fresh.parameters(), algorithm, sharded, **keywords))
+    fresh_wrapped, again = fabric.setup(fresh, make_optimizer(fresh.parameters(), setting, sharded))
     fabric.load(path, {"model": fresh_wrapped, "optimizer": again})
     resumed = []
     for target, target_model, target_optimizer in ((resumed, fresh_wrapped, again), (trajectory, wrapped, optimizer)):
@@ -77,16 +76,16 @@ def _run(fabric: Any, algorithm: str, sharded: bool, scenario: str, directory: p
     return {"losses": losses, "norms": norms, "trajectory": trajectory, "resumed": resumed[-1]}
 
 
-def fabric_runs(algorithm: str, sharded: bool, directory: pathlib.Path) -> dict[str, Any]:
+def fabric_runs(setting: str, sharded: bool, directory: pathlib.Path) -> dict[str, Any]:
     fabric = _fabric()
-    return {scenario: _run(fabric, algorithm, sharded, scenario, directory) for scenario in SCENARIOS}
+    return {scenario: _run(fabric, setting, sharded, scenario, directory) for scenario in SCENARIOS}
 
 
-@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
-def test_fabric_trains_shardopt_as_torch_optim(algorithm: str, tmp_path: pathlib.Path) -> None:
-    ours, _ = compare_with_torch(fabric_runs, algorithm, tmp_path, list(SCENARIOS))
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_fabric_trains_shardopt_as_torch_optim(setting: str, tmp_path: pathlib.Path) -> None:
+    ours, _ = compare_with_torch(fabric_runs, setting, tmp_path, list(SCENARIOS))
     for rank, mine in enumerate(ours):
         for scenario in SCENARIOS:
-            label = f"{algorithm} {scenario} rank {rank}"
+            label = f"{setting} {scenario} rank {rank}"
             # Loaded by fabric.load, the new optimizer steps exactly as the one that was saved.
             assert torch.equal(mine[scenario]["resumed"], mine[scenario]["trajectory"][-1]), label

@@ -147,6 +147,43 @@ def test_parameters_added_to_a_group_by_hand_are_an_error_on_every_rank() -> Non
             assert "add_param_group" in message and "on 2 rank(s)" in message, (algorithm, rank)
 
 
+def under_fsdp() -> dict[str, str]:
+    """Per algorithm, what shardopt raised over FSDP's parameters: built over what ``fully_shard`` made,
+    and built first with its param groups switched to them afterwards (as Accelerate's FSDP2 does)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    rank, found = dist.get_rank(), {}
+    for algorithm in ("AdamW", "Adafactor", "LBFGS"):
+        model = make_model()
+        try:
+            shardopt.ShardedOptimizer(fully_shard(model).parameters(), algorithm, lr=1e-2)
+            found[f"{algorithm} built over"] = "no error"
+        except TypeError as error:
+            found[f"{algorithm} built over"] = str(error)
+    for algorithm in ("AdamW", "Adafactor"):
+        model = make_model()
+        optimizer = shardopt.ShardedOptimizer(model.parameters(), algorithm, lr=1e-2)
+        old = [id(p) for p in model.parameters()]
+        new = dict(zip(old, fully_shard(model).parameters()))
+        optimizer.param_groups[0]["params"] = [new[id(p)] for p in optimizer.param_groups[0]["params"]]
+        try:
+            loss_of(model, rank, 0).backward()
+            optimizer.step()
+            found[f"{algorithm} switched to"] = "no error"
+        except RuntimeError as error:
+            found[f"{algorithm} switched to"] = str(error)
+    return found
+
+
+def test_parameters_fsdp_shards_are_refused_on_every_rank() -> None:
+    # shardopt's shards of a DTensor's local piece would be a wrong update with no error.
+    for rank, found in enumerate(run_world(under_fsdp, 2, fresh=True)):
+        assert len(found) == 5
+        for how, message in found.items():
+            assert "DTensor" in message and "use torch.optim with FSDP" in message, (how, rank, message)
+
+
 def two_over_one_model() -> dict[str, Any]:
     """Per algorithm, with two shardopt optimizers built over the same parameters: what the first one's
     step() raised, and the parameters after three steps of the second (which took them) alone."""

@@ -23,13 +23,14 @@ import torch
 
 from shardopt.integrations.transformers import FOLDER, ShardedTrainer
 from tests.common import flat_params
-from tests.frameworks import ALGORITHMS, WORLD, compare_with_torch, make_optimizer, torchrun_environment
+from tests.frameworks import SETTINGS, WORLD, compare_with_torch, make_optimizer, torchrun_environment
 
 STEPS, SAVE_EVERY = 6, 3
-LR = {"AdamW": 3e-3, "SGD": 0.05}  # GPT-2 from scratch, with warmup and clipping
+# Per torch.optim class: GPT-2 from scratch, with warmup and clipping.
+LR = {"AdamW": 3e-3, "SGD": 0.05, "Adafactor": 1e-2}
 
 
-def _trainer(algorithm: str, sharded: bool, out: pathlib.Path, accumulation: int, plain: bool = False) -> Any:
+def _trainer(setting: str, sharded: bool, out: pathlib.Path, accumulation: int, plain: bool = False) -> Any:
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
     torch.manual_seed(0)
@@ -53,7 +54,7 @@ def _trainer(algorithm: str, sharded: bool, out: pathlib.Path, accumulation: int
         seed=0,
         disable_tqdm=True,
     )
-    optimizer = make_optimizer(model.parameters(), algorithm, sharded, lr=LR[algorithm])
+    optimizer = make_optimizer(model.parameters(), setting, sharded, lr=LR[SETTINGS[setting][0].__name__])
     kind = Trainer if plain or not sharded else ShardedTrainer
     return kind(model=model, args=args, train_dataset=data, optimizers=(optimizer, None))
 
@@ -67,19 +68,19 @@ def _record(trainer: Any) -> dict[str, Any]:
     }
 
 
-def trainer_runs(algorithm: str, sharded: bool, directory: pathlib.Path) -> dict[str, Any]:
+def trainer_runs(setting: str, sharded: bool, directory: pathlib.Path) -> dict[str, Any]:
     import torch.distributed as dist
 
     torchrun_environment()
     results = {}
     for accumulation in (1, 2):
-        out = directory / f"{algorithm}-{sharded}-{accumulation}"
-        trainer = _trainer(algorithm, sharded, out, accumulation)
+        out = directory / f"{setting}-{sharded}-{accumulation}"
+        trainer = _trainer(setting, sharded, out, accumulation)
         trainer.train()
         results[f"accumulation {accumulation}"] = _record(trainer)
     # A new Trainer resumes from the first of those checkpoints.
-    first = directory / f"{algorithm}-{sharded}-1"
-    resumed = _trainer(algorithm, sharded, first, 1)
+    first = directory / f"{setting}-{sharded}-1"
+    resumed = _trainer(setting, sharded, first, 1)
     resumed.train(resume_from_checkpoint=str(first / f"checkpoint-{SAVE_EVERY}"))
     results["resumed"] = _record(resumed)
     results["saved"] = sorted(path.name for path in (first / f"checkpoint-{SAVE_EVERY}").iterdir())
@@ -87,10 +88,10 @@ def trainer_runs(algorithm: str, sharded: bool, directory: pathlib.Path) -> dict
     return results
 
 
-@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
-def test_trainer_trains_and_resumes_shardopt_as_torch_optim(algorithm: str, tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_trainer_trains_and_resumes_shardopt_as_torch_optim(setting: str, tmp_path: pathlib.Path) -> None:
     names = ("accumulation 1", "accumulation 2", "resumed")
-    ours, reference = compare_with_torch(trainer_runs, algorithm, tmp_path, names, rtol=1e-4, atol=1e-5)
+    ours, reference = compare_with_torch(trainer_runs, setting, tmp_path, names, rtol=1e-4, atol=1e-5)
     for mine, theirs in zip(ours, reference):
         # The resumed run ends where the uninterrupted one did, and logged its last steps alike.
         uninterrupted, resumed = mine["accumulation 1"], mine["resumed"]
