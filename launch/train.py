@@ -31,7 +31,7 @@ from torch.optim import lr_scheduler
 from tqdm import tqdm
 
 import shardopt
-from shardopt.algorithms import ALGORITHMS, is_lbfgs
+from shardopt.algorithms import ALGORITHMS, torch_class
 from shardopt.checkpoint import CheckpointError
 
 # Tests set this to kill the last rank abruptly after that step, as a lost node would be, to check that
@@ -289,7 +289,7 @@ def train_step(
             total += loss.item()
         return total
 
-    if is_lbfgs(args.optimizer):
+    if torch_class(args.optimizer) is torch.optim.LBFGS:
         (lbfgs,) = optimizers
 
         def closure() -> float:
@@ -436,7 +436,7 @@ def clip_grad_norm_(optimizers: list[Any], max_norm: float) -> torch.Tensor:
 
 def check_clip(args: argparse.Namespace) -> None:
     """--clip clips one global norm over all gradients, of every optimizer of the job; not LBFGS's."""
-    if args.clip is not None and is_lbfgs(args.optimizer):
+    if args.clip is not None and torch_class(args.optimizer) is torch.optim.LBFGS:
         raise UsageError("--clip: LBFGS takes no clipping: its line search and curvature pairs need the true gradient")
 
 

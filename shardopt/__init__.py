@@ -7,22 +7,27 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from .algorithms import ALGORITHMS, WHOLE_TENSOR
+from .algorithms import EVERY
 from .amp import GradScaler
 from .averaging import ShardedAveragedModel
+from .base import ShardedOptimizer
 from .fingerprint import DesyncError
 from .grad_checks import clip_grad_norm_
 from .lbfgs import ShardedLBFGS
-from .optimizer import ShardedOptimizer
+from .optimizer import ElementOptimizer
 from .owned import OwnedOptimizer
 from .sparse import SparseRowOptimizer
 
 __version__ = "0.1.0"
 
 
-def _alias(torch_class: type, base: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
-    """``shardopt.AdamW(params, lr=...)`` is ``ShardedOptimizer(params, torch.optim.AdamW, lr=...)``
-    (``OwnedOptimizer`` for the algorithms that need whole tensors)."""
+def _alias(torch_class: type[torch.optim.Optimizer]) -> type[ShardedOptimizer]:
+    """``shardopt.AdamW(params, lr=...)`` is ``ShardedOptimizer(params, torch.optim.AdamW, lr=...)``: a
+    subclass of the scheme that shards the algorithm (LBFGS's is ShardedLBFGS itself, which takes
+    torch's LBFGS keywords alone)."""
+    if torch_class is torch.optim.LBFGS:
+        return ShardedLBFGS
+    base = ShardedOptimizer._schemes[torch_class]
 
     def __init__(self: Any, params: Any, **kwargs: Any) -> None:
         base.__init__(self, params, torch_class, **kwargs)
@@ -38,14 +43,12 @@ def _alias(torch_class: type, base: type[torch.optim.Optimizer]) -> type[torch.o
     )
 
 
-_ALIASES = {cls.__name__: _alias(cls, ShardedOptimizer) for cls in ALGORITHMS}
-_ALIASES |= {cls.__name__: _alias(cls, OwnedOptimizer) for cls in WHOLE_TENSOR}
-_ALIASES["LBFGS"] = ShardedLBFGS  # takes only LBFGS's keywords: no optimizer_class to pass
-_ALIASES["SparseAdam"] = _alias(torch.optim.SparseAdam, SparseRowOptimizer)
+_ALIASES = {cls.__name__: _alias(cls) for cls in EVERY}
 globals().update(_ALIASES)
 
 __all__ = [
     "DesyncError",
+    "ElementOptimizer",
     "GradScaler",
     "OwnedOptimizer",
     "ShardedAveragedModel",

@@ -34,7 +34,7 @@ class GradScaler(torch.amp.GradScaler):
             # unscaling would leave fp16 gradients. Decided from the parameters: alike on every rank.
             raise ValueError("Attempting to unscale FP16 gradients.")
         if isinstance(optimizer, GradChecks):
-            # A ShardedOptimizer's fp16 shards are unscaled in place like torch's fp16 gradients under
+            # An ElementOptimizer's fp16 shards are unscaled in place like torch's fp16 gradients under
             # allow_fp16; their update runs on fp32 master weights, which is what torch's refusal protects.
             return optimizer._unscale_for_scaler(inv_scale, found_inf)
         return super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)

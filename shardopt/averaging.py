@@ -18,11 +18,11 @@ from torch import Tensor, nn
 
 from .buffer import ShardedBuffer
 from .memory_order import flattened
-from .optimizer import ShardedOptimizer
+from .optimizer import ElementOptimizer
 
 
 class ShardedAveragedModel:
-    """An EMA or SWA average of the parameters a :class:`ShardedOptimizer` trains, kept as shards.
+    """An EMA or SWA average of the parameters an :class:`ElementOptimizer` trains, kept as shards.
 
     The same average as ``torch.optim.swa_utils.AveragedModel(model)`` (SWA, ``decay=None``) or
     ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))`` (EMA) updated at the same
@@ -37,7 +37,7 @@ class ShardedAveragedModel:
 
     Args:
         model: the module whose parameters ``optimizer`` trains (for the parameters' names).
-        optimizer: the :class:`ShardedOptimizer` training them.
+        optimizer: the :class:`ElementOptimizer` training them (an element-wise algorithm).
         decay: EMA decay in [0, 1]; None (default) averages equally, as SWA.
         start_after: optimizer steps to let pass before the first average.
         every: average after every ``every``-th step from then on (step ``start_after + every``
@@ -50,7 +50,7 @@ class ShardedAveragedModel:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: ShardedOptimizer,
+        optimizer: ElementOptimizer,
         *,
         decay: float | None = None,
         start_after: int = 0,
@@ -58,10 +58,10 @@ class ShardedAveragedModel:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be the torch.nn.Module the optimizer trains, got {type(model).__name__}")
-        if not isinstance(optimizer, ShardedOptimizer):
+        if not isinstance(optimizer, ElementOptimizer):
             raise TypeError(
-                f"optimizer must be a shardopt.ShardedOptimizer, got {type(optimizer).__name__}; "
-                "for a plain torch.optim optimizer use torch.optim.swa_utils.AveragedModel"
+                f"optimizer must be a shardopt.ElementOptimizer (an element-wise algorithm: Adam, SGD, ...), got "
+                f"{type(optimizer).__name__}; for another optimizer use torch.optim.swa_utils.AveragedModel"
             )
         if decay is not None:
             if isinstance(decay, bool) or not isinstance(decay, (int, float)):

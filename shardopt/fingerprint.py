@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-if TYPE_CHECKING:  # comm.py imports this module
-    from .comm import Comm
+from .pending import Link
 
 Item = tuple[str, int]
 
@@ -80,7 +79,7 @@ def _short(hyper: Mapping[str, Any]) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def check(comm: Comm, items: Iterable[Item], context: str) -> None:
+def check(comm: Link, items: Iterable[Item], context: str) -> None:
     """Collective: raise DesyncError on every rank unless every rank passed the same items.
 
     Before: each rank holds its own list. After: all ranks know whether the lists are equal,

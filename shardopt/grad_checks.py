@@ -1,7 +1,7 @@
 """The global checks between a step's gradient reduction and its update: the gradient norm
 (``clip_grad_norm_``) and the inf/NaN verdict of a GradScaler, agreed by every rank.
 
-Every coordinator holds its reduced gradient its own way (``ShardedOptimizer``: element shards;
+Every coordinator holds its reduced gradient its own way (``ElementOptimizer``: element shards;
 ``OwnedOptimizer``: the full mean gradient in every ``p.grad``; ``SparseRowOptimizer``: the values
 of its rows' sparse gradients). ``GradChecks`` asks it for those tensors and runs the same
 collectives on all of them: one all-reduce for the norm, one MAX all-reduce for inf/NaN.

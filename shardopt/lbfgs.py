@@ -31,6 +31,7 @@ from torch.optim.optimizer import _to_scalar
 
 from . import claims, fingerprint, groups, owned_comm
 from . import state_dict as state_format
+from .base import ShardedOptimizer, dense_bytes
 from .comm import Comm, OnGroup
 from .lbfgs_flat import FlatSlices
 from .lbfgs_history import History, two_loop
@@ -56,7 +57,7 @@ class Gradient(NamedTuple):
     abs_sum: Tensor
 
 
-class ShardedLBFGS(OnGroup, ParamState, torch.optim.Optimizer):
+class ShardedLBFGS(OnGroup, ParamState, ShardedOptimizer):
     """``torch.optim.LBFGS`` with its state sharded: each rank keeps 1/N of every history vector.
 
     Args:
@@ -71,6 +72,12 @@ class ShardedLBFGS(OnGroup, ParamState, torch.optim.Optimizer):
     them, in the same order. ``step(closure)`` calls the closure on every rank the same number of
     times; it must return this rank's loss (the mean over ranks is the objective) after backward.
     """
+
+    SHARDS = (torch.optim.LBFGS,)
+
+    @classmethod
+    def build(cls, params: Any, torch_class: type[torch.optim.Optimizer], **kwargs: Any) -> ShardedLBFGS:
+        return cls(params, **kwargs)  # torch's LBFGS signature: no optimizer_class
 
     def __init__(
         self,
@@ -438,17 +445,17 @@ class ShardedLBFGS(OnGroup, ParamState, torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ introspection
 
-    def memory_stats(self) -> dict[str, int]:
+    def _memory_bytes(self) -> dict[str, int]:
         """This rank's bytes: the full parameters and gradients every rank holds, and its optimizer
         state: its slices of the vectors (about 1/N of torch.optim's), the scalars, the Gram matrices."""
         tensors = []
         entry = self.shard_state.get(self._params[0], {}) if self._params else {}
         for value in entry.values():
             tensors += value if isinstance(value, list) else [value]
-        state_bytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+        state_bytes = dense_bytes([t for t in tensors if isinstance(t, Tensor)])
         return {
-            "param_bytes": sum(p.numel() * p.element_size() for p in self._params),
-            "grad_bytes": sum(p.numel() * p.element_size() for p in self._params if p.requires_grad),
+            "param_bytes": dense_bytes(self._params),
+            "grad_bytes": dense_bytes([p for p in self._params if p.requires_grad]),
             "state_bytes": state_bytes + (self._history.nbytes() if self._history else 0),
         }
 

@@ -1,4 +1,4 @@
-"""``ShardedOptimizer``: the coordinator each rank runs.
+"""``ElementOptimizer``: the element-wise algorithms, sharded by element ranges of flat buffers.
 
 One step, on every rank::
 
@@ -28,15 +28,13 @@ from torch.optim.optimizer import _get_scalar_dtype
 from . import algorithms, claims, closure_loss, fingerprint, groups, kernels, sparse_grads
 from . import state_dict as state_format
 from .algorithms import Slices
+from .base import ShardedOptimizer
 from .buffer import ShardedBuffer
 from .comm import Comm, OnGroup
 from .grad_checks import GradChecks, on_owner
 from .layout import ParamSpec, Span, plan_buffers, runs
-from .lbfgs import ShardedLBFGS
-from .owned import OwnedOptimizer
 from .param_gather import UPDATE_BATCH, ParamGathers
 from .reducer import GradReducer
-from .sparse import SparseRowOptimizer
 from .state_view import ParamState, StateView
 
 GRAD_REDUCTIONS = ("mean", "sum", None)
@@ -74,8 +72,9 @@ def _takes(torch_class: type[torch.optim.Optimizer], keyword: str) -> bool:
     return keyword in inspect.signature(torch_class.__init__).parameters
 
 
-class ShardedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer):
-    """A ``torch.optim`` algorithm whose state is sharded across the ranks of a process group.
+class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
+    """An element-wise ``torch.optim`` algorithm whose state is sharded by element ranges of flat
+    buffers across the ranks of a process group (``ShardedOptimizer(params, "adamw")`` builds one).
 
     Args:
         params: tensors, ``named_parameters()``, or param-group dicts, as torch.optim takes them.
@@ -113,15 +112,7 @@ class ShardedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer):
     collective: every rank of the group calls them, in the same order.
     """
 
-    def __new__(cls, params: Any = None, optimizer_class: Any = None, **kwargs: Any) -> Any:
-        # Adafactor and Muon need whole tensors, not element ranges: their own coordinator runs them.
-        if cls is ShardedOptimizer and algorithms.whole_tensor_class(optimizer_class) is not None:
-            return OwnedOptimizer(params, optimizer_class, **kwargs)
-        if cls is ShardedOptimizer and algorithms.is_lbfgs(optimizer_class):  # global dot products: its own
-            return ShardedLBFGS(params, **kwargs)
-        if cls is ShardedOptimizer and algorithms.is_sparse_adam(optimizer_class):  # sharded by rows: its own
-            return SparseRowOptimizer(params, optimizer_class, **kwargs)
-        return super().__new__(cls)
+    SHARDS = tuple(algorithms.ALGORITHMS)
 
     def __init__(
         self,
@@ -140,7 +131,7 @@ class ShardedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer):
         verify_every: int | None = None,
         **kwargs: Any,
     ) -> None:
-        self._algorithm = algorithms.resolve(optimizer_class)
+        self._algorithm = algorithms.ALGORITHMS[self.sharded_class(optimizer_class)]
         if isinstance(stage, bool) or stage not in (1, 2):
             raise ValueError(f"stage must be 1 (shard optimizer state) or 2 (shard gradients too), got {stage!r}")
         if grad_reduction not in GRAD_REDUCTIONS:
@@ -724,7 +715,7 @@ class ShardedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer):
     # ------------------------------------------------------------------ introspection
 
     @on_owner
-    def memory_stats(self) -> dict[str, int]:
+    def _memory_bytes(self) -> dict[str, int]:
         """This rank's bytes: the full parameters it holds, its gradients (stage 1: full; stage 2:
         its shard), the staging buffers gradients pass through on their way to a reduction (stage
         2) and updated parameters on their way back into the parameters (a few buckets each, reused

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from . import algorithms, fingerprint, groups, owned_comm, owned_state
 from . import state_dict as state_format
+from .base import dense_bytes
 from .ownership import assign_owners, update_cost
 from .replicated import Reduced, ReplicatedOptimizer
 
@@ -46,6 +47,7 @@ class OwnedOptimizer(ReplicatedOptimizer):
     collective: every rank calls them, in the same order.
     """
 
+    SHARDS = algorithms.WHOLE_TENSOR
     REDUCES_IN_BACKWARD = True
 
     def __init__(
@@ -58,16 +60,9 @@ class OwnedOptimizer(ReplicatedOptimizer):
         timeout: float | timedelta = 300,
         **kwargs: Any,
     ) -> None:
-        torch_class = algorithms.whole_tensor_class(optimizer_class)
-        if torch_class is None:
-            raise TypeError(
-                f"optimizer_class must be one of {', '.join(c.__name__ for c in algorithms.WHOLE_TENSOR)} "
-                f"(or its name), got {getattr(optimizer_class, '__name__', repr(optimizer_class))}; "
-                "use ShardedOptimizer for the others"
-            )
         super().__init__(
             params,
-            torch_class,
+            self.sharded_class(optimizer_class),
             process_group=process_group,
             grad_reduction=grad_reduction,
             timeout=timeout,
@@ -198,17 +193,14 @@ class OwnedOptimizer(ReplicatedOptimizer):
 
     # ------------------------------------------------------------------ introspection
 
-    def memory_stats(self) -> dict[str, int]:
+    def _memory_bytes(self) -> dict[str, int]:
         """This rank's bytes: the full parameters and gradients every rank holds, and the optimizer
         state of the parameters this rank owns (about 1/N of torch.optim's)."""
         params = self._params()
         return {
-            "param_bytes": sum(p.numel() * p.element_size() for p in params),
-            "grad_bytes": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
-            "state_bytes": sum(
-                t.numel() * t.element_size()
-                for entry in self._inner.state.values()
-                for t in entry.values()
-                if isinstance(t, Tensor)
+            "param_bytes": dense_bytes(params),
+            "grad_bytes": dense_bytes([p for p in params if p.requires_grad]),
+            "state_bytes": dense_bytes(
+                [t for entry in self._inner.state.values() for t in entry.values() if isinstance(t, Tensor)]
             ),
         }

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import claims, closure_loss, fingerprint, groups, owned_comm
 from .backward_hooks import BackwardHooks
+from .base import ShardedOptimizer
 from .comm import Comm, OnGroup
 from .ddp_watch import DDPWatch
 from .grad_checks import GradChecks, on_owner
@@ -46,7 +47,7 @@ class Reduced:
     loss: Any  # the closure's loss, averaged over the ranks
 
 
-class ReplicatedOptimizer(GradChecks, OnGroup, ParamState, torch.optim.Optimizer):
+class ReplicatedOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
     """Base class: subclasses place each new group's parameters (:meth:`_place`), reduce their
     gradients (:meth:`_reduce_grads`) and update them (:meth:`_apply`)."""
 

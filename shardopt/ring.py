@@ -27,17 +27,13 @@ import itertools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .layout import Span
-from .pending import Pending
-
-if TYPE_CHECKING:
-    from .comm import Comm
+from .pending import Link, Pending
 
 #: Bytes per message. Pieces let the add of one overlap receiving the next where one large buffer is
 #: in flight alone (50M fp32, 2 ranks: 181 ms in one message, 124 ms in 1 MiB pieces); with many
@@ -50,7 +46,7 @@ _TAG_BIT, _TAG_MASK = 1 << 30, (1 << 30) - 1
 _messages: defaultdict[str, int] = defaultdict(int)
 
 
-def reserve_tags(comm: Comm, count: int) -> int:
+def reserve_tags(comm: Link, count: int) -> int:
     """The first of ``count`` consecutive message numbers for one collective of ``comm``'s group; pass
     each through :func:`tag`. Every rank issues its collectives in the same order, so gets the same."""
     group = comm.group.group_name if comm.group is not None else ""
@@ -139,7 +135,7 @@ class PairReduceScatter(Pending):
     each rank's part ``i`` of it in ``parts[i]`` (1-D, as long as the plan's span ``i``); ``wait()``
     leaves the sum of this rank's chunk in ``shard``. ``parts`` are read, never written."""
 
-    def __init__(self, comm: Comm, shard: Tensor, parts: Sequence[Tensor], plan: PartsPlan, what: str) -> None:
+    def __init__(self, comm: Link, shard: Tensor, parts: Sequence[Tensor], plan: PartsPlan, what: str) -> None:
         super().__init__(comm, None, what)
         rank, group = comm.rank, comm.group
         peer = dist.get_global_rank(group, 1 - rank)
@@ -186,7 +182,7 @@ class Ring(Pending):
     """One reduce-scatter (``reduce=True``) or all-gather of ``full`` over ``comm``'s group, by chunks of
     ``shard.numel()``; ``wait()`` completes it. Reduce-scatter sums ``full`` in place on the way."""
 
-    def __init__(self, comm: Comm, full: Tensor, shard: Tensor, what: str, *, reduce: bool) -> None:
+    def __init__(self, comm: Link, full: Tensor, shard: Tensor, what: str, *, reduce: bool) -> None:
         super().__init__(comm, None, what)
         self._full, self._shard, self._reduce = full, shard, reduce
         self._n = shard.numel()

@@ -27,8 +27,9 @@ from torch import Tensor
 from torch.optim import _functional
 from torch.optim.optimizer import _to_scalar
 
-from . import algorithms, fingerprint, groups, owned_state, sparse_exchange
+from . import fingerprint, groups, owned_state, sparse_exchange
 from . import state_dict as state_format
+from .base import dense_bytes
 from .replicated import Reduced, ReplicatedOptimizer
 from .rows import entries_in, row_ranges, touched_rows
 
@@ -56,6 +57,8 @@ class SparseRowOptimizer(ReplicatedOptimizer):
     ``add_param_group`` are collective: every rank calls them, in the same order.
     """
 
+    SHARDS = (torch.optim.SparseAdam,)
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -66,14 +69,9 @@ class SparseRowOptimizer(ReplicatedOptimizer):
         timeout: float | timedelta = 300,
         **kwargs: Any,
     ) -> None:
-        if not algorithms.is_sparse_adam(optimizer_class):
-            raise TypeError(
-                "optimizer_class must be torch.optim.SparseAdam (or 'sparseadam'), got "
-                f"{getattr(optimizer_class, '__name__', repr(optimizer_class))}; use ShardedOptimizer for the others"
-            )
         super().__init__(
             params,
-            torch.optim.SparseAdam,
+            self.sharded_class(optimizer_class),
             process_group=process_group,
             grad_reduction=grad_reduction,
             timeout=timeout,
@@ -245,21 +243,15 @@ class SparseRowOptimizer(ReplicatedOptimizer):
 
     # ------------------------------------------------------------------ introspection
 
-    def memory_stats(self) -> dict[str, int]:
+    def _memory_bytes(self) -> dict[str, int]:
         """This rank's bytes: the full parameters every rank holds, its sparse gradients (indices
         and values), and the optimizer state of its rows (about 1/N of torch.optim's)."""
         params = self._params()
         grads = [p.grad for p in params if p.grad is not None and p.grad.is_sparse]
         return {
-            "param_bytes": sum(p.numel() * p.element_size() for p in params),
-            "grad_bytes": sum(
-                g._indices().numel() * g._indices().element_size() + g._values().numel() * g._values().element_size()
-                for g in grads
-            ),
-            "state_bytes": sum(
-                t.numel() * t.element_size()
-                for entry in self.shard_state.values()
-                for t in entry.values()
-                if isinstance(t, Tensor)
+            "param_bytes": dense_bytes(params),
+            "grad_bytes": dense_bytes([part for g in grads for part in (g._indices(), g._values())]),
+            "state_bytes": dense_bytes(
+                [t for entry in self.shard_state.values() for t in entry.values() if isinstance(t, Tensor)]
             ),
         }

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import shardopt
-from shardopt import ShardedOptimizer, checkpoint
+from shardopt import ShardedOptimizer, algorithms, base, checkpoint
 from shardopt.checkpoint import CheckpointError
 from shardopt.checkpoint.__main__ import main as checkpoint_cli
 from tests.common import assert_identical, flat_params, loss_of, make_model
@@ -87,6 +87,40 @@ def test_optimizer_name_is_case_insensitive(name: str) -> None:
     assert optimizer.defaults == torch.optim.AdamW(params(), lr=0.01).defaults
     train_step(model, optimizer, 0)
     assert list(optimizer.state_dict()["state"][0]) == ["step", "exp_avg", "exp_avg_sq"]
+
+
+def _params_for(torch_class: type[torch.optim.Optimizer]) -> list[nn.Parameter]:
+    if torch_class is torch.optim.SparseAdam:
+        return list(nn.Embedding(5, 3, sparse=True).parameters())
+    return [nn.Parameter(torch.randn(4, 4))]  # 2-D: Muon takes nothing else
+
+
+@pytest.mark.parametrize("torch_class", algorithms.EVERY, ids=lambda cls: cls.__name__)
+def test_every_algorithm_is_a_sharded_optimizer(torch_class: type[torch.optim.Optimizer]) -> None:
+    # Integrations and users test one class, whichever scheme shards the algorithm.
+    by_name = ShardedOptimizer(_params_for(torch_class), torch_class.__name__.lower())
+    by_class = ShardedOptimizer(_params_for(torch_class), torch_class)
+    alias = getattr(shardopt, torch_class.__name__)(_params_for(torch_class))
+    for optimizer in (by_name, by_class, alias):
+        assert isinstance(optimizer, ShardedOptimizer) and isinstance(optimizer, torch.optim.Optimizer)
+        assert type(by_name) is type(by_class) and isinstance(alias, type(by_name))
+        assert optimizer.defaults == torch_class(_params_for(torch_class)).defaults
+        assert sorted(optimizer.memory_stats()) == sorted(base.MEMORY_KEYS)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "optimizer_class", "match"),
+    [
+        (shardopt.OwnedOptimizer, torch.optim.Adam, "OwnedOptimizer shards Adafactor, Muon, not Adam"),
+        (shardopt.SparseRowOptimizer, "adamw", "SparseRowOptimizer shards SparseAdam, not AdamW"),
+        (shardopt.ElementOptimizer, "muon", "ElementOptimizer shards .*, not Muon.*which picks OwnedOptimizer"),
+    ],
+)
+def test_a_scheme_given_an_algorithm_it_does_not_shard_names_the_one_that_does(
+    scheme: type, optimizer_class: Any, match: str
+) -> None:
+    with pytest.raises(TypeError, match=match):
+        scheme(_params_for(torch.optim.Adam), optimizer_class)
 
 
 # ---------------------------------------------------------------- algorithm keywords
@@ -620,7 +654,7 @@ def test_checkpoint_load_control(good_checkpoint: pathlib.Path) -> None:
         ),
         (
             lambda model, optimizer: {"optimizer": [optimizer, optimizer]},
-            r"optimizer= lists the same ShardedOptimizer at positions 0 and 1; list each optimizer once",
+            r"optimizer= lists the same ElementOptimizer at positions 0 and 1; list each optimizer once",
         ),
     ],
     ids=[

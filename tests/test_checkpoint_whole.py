@@ -114,7 +114,7 @@ def states(optimizers: list[Any], schedulers: list[Any]) -> Any:
 
 def held(optimizer: Any) -> int:
     """Elements of optimizer state (not 0-d) this rank holds."""
-    if isinstance(optimizer, shardopt.ShardedOptimizer):
+    if isinstance(optimizer, shardopt.ElementOptimizer):
         return sum(len(b.state) * sum(p.in_shard.size for p in b.pieces) for b in optimizer._buffers)
     if isinstance(optimizer, shardopt.ShardedLBFGS):
         entry = next(iter(optimizer.shard_state.values()), {})

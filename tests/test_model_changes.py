@@ -123,7 +123,7 @@ def train(
     for step in range(STEPS):
         if step == at:
             change(model)
-            if not isinstance(optimizer, shardopt.ShardedOptimizer) and step:
+            if not isinstance(optimizer, shardopt.ElementOptimizer) and step:
                 # torch.optim keeps state in the old dtype and then fails (Adam) or mixes dtypes (SGD);
                 # its load_state_dict casts state to the parameters', which is what shardopt follows.
                 optimizer.load_state_dict(optimizer.state_dict())

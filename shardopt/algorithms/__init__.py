@@ -34,52 +34,31 @@ ALGORITHMS: dict[type[torch.optim.Optimizer], Algorithm] = {
 }
 
 # torch.optim algorithms that read whole tensors (row/column statistics, Newton-Schulz): not
-# element-wise, so shardopt.owned.OwnedOptimizer runs them, each tensor on one owner rank.
+# element-wise, so each tensor is updated whole, on one owner rank (shardopt.owned).
 WHOLE_TENSOR: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adafactor, torch.optim.Muon)
 
-
-def whole_tensor_class(optimizer_class: object) -> type[torch.optim.Optimizer] | None:
-    """The torch.optim class if ``optimizer_class`` (a class or its case-insensitive name) is one of
-    WHOLE_TENSOR, else None."""
-    for cls in WHOLE_TENSOR:
-        if optimizer_class is cls:
-            return cls
-        if isinstance(optimizer_class, str) and optimizer_class.lower() == cls.__name__.lower():
-            return cls
-    return None
+#: Every torch.optim algorithm shardopt shards: the element-wise ones, the whole-tensor ones,
+#: SparseAdam (by rows of its sparse gradients) and LBFGS (global dot products: by history slices).
+EVERY: tuple[type[torch.optim.Optimizer], ...] = (
+    *ALGORITHMS,
+    *WHOLE_TENSOR,
+    torch.optim.SparseAdam,
+    torch.optim.LBFGS,
+)
 
 
-def is_lbfgs(optimizer_class: object) -> bool:
-    """Whether ``optimizer_class`` is torch.optim.LBFGS or its case-insensitive name: not element-wise
-    (global dot products), so shardopt.lbfgs.ShardedLBFGS runs it."""
-    return optimizer_class is torch.optim.LBFGS or (
-        isinstance(optimizer_class, str) and optimizer_class.lower() == "lbfgs"
-    )
-
-
-def is_sparse_adam(optimizer_class: object) -> bool:
-    """Whether ``optimizer_class`` is torch.optim.SparseAdam or its case-insensitive name: sharded by
-    rows of its sparse gradients, so shardopt.sparse.SparseRowOptimizer runs it."""
-    return optimizer_class is torch.optim.SparseAdam or (
-        isinstance(optimizer_class, str) and optimizer_class.lower() == "sparseadam"
-    )
-
-
-def resolve(optimizer_class: type[torch.optim.Optimizer] | str) -> Algorithm:
-    """The algorithm for a torch.optim class or its case-insensitive name ("adamw")."""
-    supported = ", ".join(
-        sorted(cls.__name__ for cls in (*ALGORITHMS, *WHOLE_TENSOR, torch.optim.LBFGS, torch.optim.SparseAdam))
-    )
+def torch_class(optimizer_class: object) -> type[torch.optim.Optimizer]:
+    """The torch.optim class of ``optimizer_class``: one of :data:`EVERY`, or its case-insensitive name."""
+    supported = ", ".join(sorted(cls.__name__ for cls in EVERY))
     if isinstance(optimizer_class, str):
-        by_name = {cls.__name__.lower(): cls for cls in ALGORITHMS}
-        name = optimizer_class.lower()
-        if name in by_name:
-            return ALGORITHMS[by_name[name]]
+        by_name = {cls.__name__.lower(): cls for cls in EVERY}
+        if optimizer_class.lower() in by_name:
+            return by_name[optimizer_class.lower()]
         raise ValueError(
             f"optimizer_class {optimizer_class!r} is not a torch.optim algorithm; choose one of: {supported}"
         )
-    if isinstance(optimizer_class, type) and optimizer_class in ALGORITHMS:
-        return ALGORITHMS[optimizer_class]
+    if isinstance(optimizer_class, type) and optimizer_class in EVERY:
+        return optimizer_class
     name = getattr(optimizer_class, "__name__", repr(optimizer_class))
     raise TypeError(
         f"optimizer_class must be a torch.optim algorithm class or its name, got {name}; choose one of: {supported}"
@@ -88,12 +67,10 @@ def resolve(optimizer_class: type[torch.optim.Optimizer] | str) -> Algorithm:
 
 __all__ = [
     "ALGORITHMS",
+    "EVERY",
     "WHOLE_TENSOR",
     "Algorithm",
     "Group",
     "Slices",
-    "is_lbfgs",
-    "is_sparse_adam",
-    "resolve",
-    "whole_tensor_class",
+    "torch_class",
 ]

@@ -1,4 +1,4 @@
-"""``ShardedOptimizer``'s state in a checkpoint: element ranges of flat buffers.
+"""``ElementOptimizer``'s state in a checkpoint: element ranges of flat buffers.
 
 Each parameter's element-wise state is one 1-D tensor of its numel, of which each rank writes
 the pieces its shard covers (and reads, at any world size, the pieces its new shard covers);
@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import state_dict as state_format
 from ..buffer import ShardedBuffer
 from ..layout import Piece
-from ..optimizer import ShardedOptimizer
+from ..optimizer import ElementOptimizer
 from . import manifest as manifests
 from .chunks import ShardChunks
 from .errors import CheckpointError
@@ -24,7 +24,7 @@ from .part import Part, Staging, TensorLookup
 
 
 class ElementPart(Part):
-    serves = (ShardedOptimizer,)
+    serves = (ElementOptimizer,)
 
     @property
     def algorithm(self) -> str:

@@ -4,7 +4,7 @@ A checkpoint holds one optimizer or several (Muon + AdamW, SparseAdam + AdamW: t
 each at a position; position 0 keeps the keys a single optimizer has always had. Each way of
 sharding state has its subclass of :class:`Part`, which save and load drive alike:
 
-* ``by_elements``: element ranges of flat buffers (``ShardedOptimizer``, the element-wise algorithms);
+* ``by_elements``: element ranges of flat buffers (``ElementOptimizer``, the element-wise algorithms);
 * ``by_owner``: whole tensors on owner ranks (``OwnedOptimizer``: Adafactor, Muon);
 * ``by_rows``: row ranges of each parameter (``SparseRowOptimizer``: SparseAdam);
 * ``by_slices``: slices of one flat vector of all parameters (``ShardedLBFGS``).

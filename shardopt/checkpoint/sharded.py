@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from .. import fingerprint
 from ..comm import Comm
-from ..optimizer import ShardedOptimizer
+from ..optimizer import ElementOptimizer
 from . import manifest as manifests
 from .background import AsyncWriter
 from .by_elements import ElementPart
@@ -165,8 +165,8 @@ def _settled(optimizers: list[Any], call: str) -> Iterator[tuple[Comm, list[Part
             where = "optimizer=" if len(optimizers) == 1 else f"optimizer=[...][{position}]"
             raise CheckpointError(
                 f"{where} is a {type(optimizer).__module__}.{type(optimizer).__qualname__}, whose state sharded "
-                "checkpoints cannot hold: pass shardopt's optimizers (ShardedOptimizer, OwnedOptimizer, "
-                "SparseRowOptimizer, ShardedLBFGS); save another optimizer's state_dict() with torch.save"
+                "checkpoints cannot hold: pass a shardopt.ShardedOptimizer; save another optimizer's state_dict() "
+                "with torch.save"
             )
         parts.append(kind(optimizer, position))
     comm = optimizers[0]._comm
@@ -180,7 +180,7 @@ def _settled(optimizers: list[Any], call: str) -> Iterator[tuple[Comm, list[Part
     with contextlib.ExitStack() as calls:
         for optimizer in optimizers:
             _wait_for_pending(optimizer)
-            if isinstance(optimizer, ShardedOptimizer):
+            if isinstance(optimizer, ElementOptimizer):
                 optimizer.finish_param_gather()
             calls.enter_context(optimizer._comm.call(call, agree=True))
         yield comm, parts

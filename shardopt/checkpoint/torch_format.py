@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import state_dict as state_format
 from ..memory_order import shaped
-from ..optimizer import ShardedOptimizer
+from ..optimizer import ElementOptimizer
 from . import manifest as manifests
 from .chunks import LoadPlanner
 from .encoding import decode, tensor_keys
@@ -184,7 +184,7 @@ def load_torch(
                 earlier.load_state_dict(saved)
             at = "" if len(optimizers) == 1 else f" (optimizer {position})"
             raise CheckpointError(f"{where}{at}: {error}") from error
-    sharded = [(target, state) for target, state in zip(optimizers, states) if isinstance(target, ShardedOptimizer)]
+    sharded = [(target, state) for target, state in zip(optimizers, states) if isinstance(target, ElementOptimizer)]
     if model is not None:
         for target, _ in sharded:
             target.finish_param_gather()
