@@ -37,8 +37,8 @@ from benchmarks import roofline
 from benchmarks.report import markdown, publish
 from benchmarks.timing import best_seconds, interleaved_medians
 from benchmarks.updates import KEYWORDS, make_params, shardopt_steps, time_update, torch_step
-from shardopt import kernels
 from shardopt.algorithms import ALGORITHMS
+from shardopt.elements import kernels
 from tests.world import run_world
 
 RESULTS = pathlib.Path(__file__).parent / "results"

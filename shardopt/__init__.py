@@ -10,13 +10,13 @@ from . import checkpoint
 from .algorithms import EVERY
 from .amp import GradScaler
 from .averaging import ShardedAveragedModel
-from .base import ShardedOptimizer
-from .fingerprint import DesyncError
-from .grad_checks import clip_grad_norm_
-from .lbfgs import ShardedLBFGS
-from .optimizer import ElementOptimizer
-from .owned import OwnedOptimizer
-from .sparse import SparseRowOptimizer
+from .collectives.fingerprint import DesyncError
+from .elements.optimizer import ElementOptimizer
+from .owner.optimizer import OwnedOptimizer
+from .rows.optimizer import SparseRowOptimizer
+from .shared.base import ShardedOptimizer
+from .shared.grad_checks import clip_grad_norm_
+from .slices.optimizer import ShardedLBFGS
 
 __version__ = "0.1.0"
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .grad_checks import GradChecks
-from .lbfgs import SCALER_REFUSAL, ShardedLBFGS
-from .replicated import ReplicatedOptimizer
+from .shared.grad_checks import GradChecks
+from .shared.replicated import ReplicatedOptimizer
+from .slices.optimizer import SCALER_REFUSAL, ShardedLBFGS
 
 
 class GradScaler(torch.amp.GradScaler):

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .buffer import ShardedBuffer
-from .memory_order import flattened
-from .optimizer import ElementOptimizer
+from .elements.buffer import ShardedBuffer
+from .elements.memory_order import flattened
+from .elements.optimizer import ElementOptimizer
 
 
 class ShardedAveragedModel:

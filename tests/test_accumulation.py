@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import shardopt
-from shardopt.taken_grad import TakenGrad
+from shardopt.elements.taken_grad import TakenGrad
 from tests.common import assert_trajectories_close, flat_params, loss_of, make_model
 from tests.world import run_world
 

@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 import shardopt
-from shardopt import ShardedOptimizer, algorithms, base, checkpoint
+from shardopt import ShardedOptimizer, algorithms, checkpoint
 from shardopt.checkpoint import CheckpointError
 from shardopt.checkpoint.__main__ import main as checkpoint_cli
+from shardopt.shared import base
 from tests.common import assert_identical, flat_params, loss_of, make_model
 from tests.world import run_world
 

@@ -22,7 +22,7 @@ from torch import nn
 
 import shardopt
 from shardopt.checkpoint import CheckpointError
-from shardopt.lbfgs import VECTOR_LISTS, VECTORS
+from shardopt.slices.optimizer import VECTOR_LISTS, VECTORS
 from tests.common import assert_trajectories_close, flat_params, make_model
 from tests.common import loss_of as tiny_loss
 from tests.test_checkpoint import all_ranks, load_counting_reads, rank_and_world

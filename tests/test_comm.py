@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from shardopt import ring
-from shardopt.comm import Comm
-from shardopt.layout import Span
+from shardopt.collectives import ring
+from shardopt.collectives.comm import Comm
+from shardopt.collectives.span import Span
 from tests.world import run_world
 
 

@@ -13,8 +13,8 @@ from torch import nn
 
 import shardopt
 from shardopt import checkpoint
-from shardopt.fingerprint import DesyncError, check, stable_hash
-from shardopt.phases import ranks_text
+from shardopt.collectives.fingerprint import DesyncError, check, stable_hash
+from shardopt.collectives.phases import ranks_text
 from tests.common import assert_identical, flat_params, loss_of, make_model
 from tests.test_clipping import split
 from tests.test_sparse import loss_of as sparse_loss_of

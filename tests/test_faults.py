@@ -21,7 +21,7 @@ import pytest
 
 import shardopt
 from shardopt import checkpoint
-from shardopt.phases import UNREADABLE, Phase, Survey
+from shardopt.collectives.phases import UNREADABLE, Phase, Survey
 from tests.common import loss_of, make_model
 from tests.processes import free_port, join_world, run_ranks
 from tests.world import run_world

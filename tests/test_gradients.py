@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import shardopt
-from shardopt.taken_grad import TakenGrad
+from shardopt.elements.taken_grad import TakenGrad
 from tests.common import assert_state_dicts_equal, assert_trajectories_close
 from tests.world import run_world
 

@@ -1,4 +1,4 @@
-"""shardopt.kernels: torch's native fused kernels and the compiled update against the eager one."""
+"""shardopt.elements.kernels: torch's native fused kernels and the compiled update against the eager one."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 from torch._dynamo.utils import counters
 
-from shardopt import kernels
 from shardopt.algorithms import ALGORITHMS, Algorithm, Group, Slices
 from shardopt.algorithms.adam import Adam
 from shardopt.algorithms.rprop import Rprop
+from shardopt.elements import kernels
 from tests.cases import CASES, case_id
 
 STEPS = 10

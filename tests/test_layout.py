@@ -11,8 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardopt.buffer import ShardedBuffer
-from shardopt.layout import BufferLayout, ParamSpec, Piece, Span, plan_buffers, runs
+from shardopt.collectives.span import Span
+from shardopt.elements.buffer import ShardedBuffer
+from shardopt.elements.layout import BufferLayout, ParamSpec, Piece, plan_buffers, runs
 
 F32 = ("cpu", torch.float32)
 F64 = ("cpu", torch.float64)

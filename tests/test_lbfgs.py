@@ -16,9 +16,9 @@ from torch import nn
 from torch.optim.lbfgs import _strong_wolfe
 
 import shardopt
-from shardopt.lbfgs import ShardedLBFGS
-from shardopt.lbfgs_history import History, two_loop
-from shardopt.lbfgs_search import strong_wolfe
+from shardopt.slices.history import History, two_loop
+from shardopt.slices.optimizer import ShardedLBFGS
+from shardopt.slices.search import strong_wolfe
 
 from .common import assert_trajectories_close, batch, flat_params, make_model
 from .world import run_world

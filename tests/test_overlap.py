@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import shardopt
-from shardopt import hook_handles
-from shardopt.param_gather import MAX_IN_FLIGHT
-from shardopt.reducer import MAX_STAGING
+from shardopt.elements.param_gather import MAX_IN_FLIGHT
+from shardopt.elements.reducer import MAX_STAGING
+from shardopt.shared import hook_handles
 from tests.common import assert_trajectories_close, batch, flat_params, loss_of, make_model, reference_run
 from tests.world import run_world
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import shardopt
-from shardopt.ownership import assign_owners, update_cost
+from shardopt.owner.assign import assign_owners, update_cost
 from tests.common import (
     TinyNet,
     assert_state_dicts_equal,

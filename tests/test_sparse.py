@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 import shardopt
-from shardopt.rows import entries_in, row_ranges, touched_rows
-from shardopt.sparse import DENSE_GRADIENT_ERROR, SparseRowOptimizer
+from shardopt.rows.optimizer import DENSE_GRADIENT_ERROR, SparseRowOptimizer
+from shardopt.shared.rows import entries_in, row_ranges, touched_rows
 from tests.world import run_world
 
 ROWS, DIM, STEPS = 11, 4, 4  # 11 rows: no world size of 2 or 3 divides them

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 import shardopt
-from shardopt.layout import Span
-from shardopt.sparse_grads import add_entries, dense_ranges
+from shardopt.collectives.span import Span
+from shardopt.elements.sparse_grads import add_entries, dense_ranges
 from tests.test_sparse import DIM, Recommender, added, batch
 from tests.test_sparse import recommender_loss as loss_of
 from tests.world import run_world

@@ -38,8 +38,44 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_no_import_loop() -> None:
     graph = import_graph()
-    assert "shardopt.comm" in graph["shardopt.optimizer"]  # the graph sees relative imports
+    assert "shardopt.collectives.comm" in graph["shardopt.elements.optimizer"]  # the graph sees relative imports
     try:
         tuple(TopologicalSorter(graph).static_order())
     except CycleError as error:
         pytest.fail(f"import loop: {' -> '.join(error.args[1])}")
+
+
+# The layers, lowest first: a module imports only from its own layer or lower ones, and the four
+# schemes (the third layer) not from one another.
+LAYERS = (
+    ("algorithms",),
+    ("collectives",),
+    ("shared",),
+    ("elements", "owner", "rows", "slices"),
+    ("", "amp", "averaging", "checkpoint", "integrations"),
+)
+
+
+def _place(module: str) -> tuple[int, str]:
+    top = module.split(".")[1] if "." in module else ""
+    return next((layer, top) for layer, names in enumerate(LAYERS) if top in names)
+
+
+def test_each_layer_imports_only_from_below() -> None:
+    upward = []
+    for module, imported in import_graph().items():
+        (layer, where) = _place(module)
+        for target in imported:
+            (target_layer, target_where) = _place(target)
+            if target_layer > layer or (target_layer == layer == 3 and target_where != where):
+                upward.append(f"{module} -> {target}")
+    assert not upward, "imports against the layering:\n" + "\n".join(sorted(upward))
+
+
+def test_at_most_a_dozen_modules_at_the_top_and_none_over_500_lines() -> None:
+    top = sorted(path.name for path in ROOT.iterdir() if path.suffix == ".py" or (path / "__init__.py").exists())
+    assert len(top) <= 12, top
+    long = {
+        str(path.relative_to(ROOT)): n for path in ROOT.rglob("*.py") if (n := len(path.read_text().splitlines())) > 500
+    }
+    assert not long, long

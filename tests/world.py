@@ -56,7 +56,7 @@ def _rank_main(rank: int, world_size: int, store_path: str, tasks: Connection, r
         # Imported before any call: the warning filter shardopt.checkpoint sets on import would
         # otherwise end with the call that first imports it, as the filters every call sets do.
         import shardopt.checkpoint  # noqa: F401
-        from shardopt import kernels
+        from shardopt.elements import kernels
 
         torch.set_num_threads(1)
         store = dist.FileStore(store_path, world_size)
@@ -121,8 +121,8 @@ def _process_state(modules: list[str]) -> dict[str, Any]:
     import torch.distributed as dist
     from torch.nn.modules import module
 
-    from shardopt.hook_handles import sweep
-    from shardopt.own_group import own_groups
+    from shardopt.collectives.own_group import own_groups
+    from shardopt.shared.hook_handles import sweep
 
     # What the call dropped is collected, and its hooks removed, as a later call would find them.
     gc.collect()

@@ -34,7 +34,7 @@ ALGORITHMS: dict[type[torch.optim.Optimizer], Algorithm] = {
 }
 
 # torch.optim algorithms that read whole tensors (row/column statistics, Newton-Schulz): not
-# element-wise, so each tensor is updated whole, on one owner rank (shardopt.owned).
+# element-wise, so each tensor is updated whole, on one owner rank (shardopt.owner.optimizer).
 WHOLE_TENSOR: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adafactor, torch.optim.Muon)
 
 #: Every torch.optim algorithm shardopt shards: the element-wise ones, the whole-tensor ones,

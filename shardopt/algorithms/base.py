@@ -43,7 +43,7 @@ class Algorithm(ABC):
 
     :meth:`coefficients` does the per-parameter scalar work (advancing the step, bias
     corrections, ...) and :meth:`elementwise` the tensor work. Keeping them apart lets
-    ``shardopt.kernels`` run the tensor part as one compiled kernel, with the scalars
+    ``shardopt.elements.kernels`` run the tensor part as one compiled kernel, with the scalars
     as inputs: a changing learning rate or step never recompiles it.
     """
 

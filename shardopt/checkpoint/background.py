@@ -18,7 +18,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ..comm import Comm
+from ..collectives.comm import Comm
 
 
 class SaveFuture(Future):  # type: ignore[type-arg]

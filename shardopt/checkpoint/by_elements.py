@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import state_dict as state_format
-from ..buffer import ShardedBuffer
-from ..layout import Piece
-from ..optimizer import ElementOptimizer
+from ..elements.buffer import ShardedBuffer
+from ..elements.layout import Piece
+from ..elements.optimizer import ElementOptimizer
+from ..elements.state import install_buffer_state
 from . import manifest as manifests
 from .chunks import ShardChunks
 from .errors import CheckpointError
@@ -111,7 +111,7 @@ class ElementPart(Part):
     def install(self, groups: list[dict[str, Any]], tensor: TensorLookup) -> None:
         self.optimizer.param_groups[:] = groups
         for buffer, shards, scalars in self._buffers:
-            state_format.install_buffer_state(buffer, shards, scalars)
+            install_buffer_state(buffer, shards, scalars)
         # The model is loaded: the master weights start from its parameters.
         for buffer in self.optimizer._buffers:
             buffer.reset_master()

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import owned_state
-from ..owned import OwnedOptimizer
+from ..owner.optimizer import OwnedOptimizer
+from ..shared import torch_state
 from .part import Part, Staging, TensorLookup
 
 
@@ -25,7 +25,7 @@ class OwnerPart(Part):
         self._has_state = self.optimizer._has_state()
 
     def _template(self, param: Tensor) -> dict[str, Tensor]:
-        return owned_state.initial_state(self.optimizer._torch_class, param)
+        return torch_state.initial_state(self.optimizer._torch_class, param)
 
     def describe(self, params: list[dict[str, Any]]) -> None:
         for number, param in self.numbered():

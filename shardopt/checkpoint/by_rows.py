@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..sparse import STATE_NAMES, SparseRowOptimizer
+from ..rows.optimizer import STATE_NAMES, SparseRowOptimizer
 from .part import Part, Staging, TensorLookup, chunk_of
 
 SCALARS = ["step"]

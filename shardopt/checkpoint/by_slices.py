@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..lbfgs import VECTOR_LISTS, VECTORS, ShardedLBFGS
+from ..slices.optimizer import VECTOR_LISTS, VECTORS, ShardedLBFGS
 from .encoding import TENSOR_PREFIX, Encoder, Stored, decode, tensor_keys
 from .part import Part, Staging, TensorLookup, chunk_of
 

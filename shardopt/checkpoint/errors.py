@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..comm import Comm
+from ..collectives.comm import Comm
 
 # Characters of an error message the ranks exchange; longer ones are cut.
 MESSAGE_CHARS = 2000

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import groups as group_names
+from ..shared import groups as group_names
 from . import schema
 from .errors import CheckpointError
 from .storage import MANIFEST, read_manifest

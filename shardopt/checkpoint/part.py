@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.distributed.checkpoint.metadata import Metadata
 
-from .. import state_dict as state_format
+from ..shared import state_format
 from . import manifest as manifests
 from .chunks import ShardChunks
 from .encoding import Encoder, decode

@@ -35,9 +35,9 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from .. import fingerprint
-from ..comm import Comm
-from ..optimizer import ElementOptimizer
+from ..collectives import fingerprint
+from ..collectives.comm import Comm
+from ..elements.optimizer import ElementOptimizer
 from . import manifest as manifests
 from .background import AsyncWriter
 from .by_elements import ElementPart

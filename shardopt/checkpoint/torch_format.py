@@ -15,9 +15,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from .. import state_dict as state_format
-from ..memory_order import shaped
-from ..optimizer import ElementOptimizer
+from ..elements.memory_order import shaped
+from ..elements.optimizer import ElementOptimizer
+from ..shared import state_format
 from . import manifest as manifests
 from .chunks import LoadPlanner
 from .encoding import decode, tensor_keys

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..grad_checks import GradChecks, owner
-from ..lbfgs import ShardedLBFGS
+from ..shared.grad_checks import GradChecks, owner
+from ..slices.optimizer import ShardedLBFGS
 
 
 def sharded(optimizer: object) -> torch.optim.Optimizer | None:

@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .layout import Span
 from .pending import Link, Pending
+from .span import Span
 
 #: Bytes per message. Pieces let the add of one overlap receiving the next where one large buffer is
 #: in flight alone (50M fp32, 2 ranks: 181 ms in one message, 124 ms in 1 MiB pieces); with many

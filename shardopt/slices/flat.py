@@ -13,7 +13,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .comm import Comm
+from ..collectives.comm import Comm
 
 
 def _real(tensor: Tensor) -> Tensor:

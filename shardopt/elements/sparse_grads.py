@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .comm import Comm, Pending
-from .layout import Slot, Span
-from .rows import entries_in
+from ..collectives.comm import Comm, Pending
+from ..collectives.span import Span
+from ..shared.rows import entries_in
+from .layout import Slot
 
 # torch.optim's own words where a keyword rules out sparse gradients (torch/optim/sgd.py and adagrad.py:
 # weight decay adds the dense parameter to the sparse gradient; the fused kernels take dense tensors).

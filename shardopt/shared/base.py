@@ -1,10 +1,10 @@
 """``ShardedOptimizer``: what every shardopt optimizer is, whichever way it shards its algorithm.
 
 shardopt shards torch.optim's fifteen algorithms four ways (docs/schemes.md): element ranges of
-flat buffers (the element-wise algorithms, :class:`~shardopt.optimizer.ElementOptimizer`), whole
-tensors on owner ranks (Adafactor, Muon: :class:`~shardopt.owned.OwnedOptimizer`), rows of sparse
-tables (SparseAdam: :class:`~shardopt.sparse.SparseRowOptimizer`) and slices of LBFGS's history
-vectors (:class:`~shardopt.lbfgs.ShardedLBFGS`). Each is a subclass that names the algorithms it
+flat buffers (the element-wise algorithms, :class:`~shardopt.elements.optimizer.ElementOptimizer`), whole
+tensors on owner ranks (Adafactor, Muon: :class:`~shardopt.owner.optimizer.OwnedOptimizer`), rows of sparse
+tables (SparseAdam: :class:`~shardopt.rows.optimizer.SparseRowOptimizer`) and slices of LBFGS's history
+vectors (:class:`~shardopt.slices.optimizer.ShardedLBFGS`). Each is a subclass that names the algorithms it
 shards (``SHARDS``); ``ShardedOptimizer(params, algorithm, ...)`` builds the one that shards
 ``algorithm``, so users and integrations test one class, and this module imports none of them.
 """
@@ -14,8 +14,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 
-from . import algorithms
+from .. import algorithms
+from ..collectives import fingerprint
+from ..collectives.fingerprint import Item
+from . import claims, groups
 
 #: What :meth:`ShardedOptimizer.memory_stats` reports, for every scheme (0 where a scheme has none).
 MEMORY_KEYS = ("param_bytes", "grad_bytes", "staging_bytes", "master_bytes", "state_bytes")
@@ -46,7 +50,7 @@ class ShardedOptimizer(torch.optim.Optimizer, metaclass=_BuildsTheScheme):
     (``torch.optim.AdamW``) or its case-insensitive name (``"adamw"``), the algorithm's own keywords
     with torch.optim's names, defaults and validation, and shardopt's (``process_group``,
     ``grad_reduction``, ``timeout``; the element-wise algorithms take more: see
-    :class:`~shardopt.optimizer.ElementOptimizer`). It returns the scheme that shards that algorithm,
+    :class:`~shardopt.elements.optimizer.ElementOptimizer`). It returns the scheme that shards that algorithm,
     an instance of this class. Construction, ``step``, ``state_dict``, ``load_state_dict`` and
     ``add_param_group`` are collective: every rank of the group calls them, in the same order.
     """
@@ -77,6 +81,60 @@ class ShardedOptimizer(torch.optim.Optimizer, metaclass=_BuildsTheScheme):
                 f"{ShardedOptimizer._schemes[torch_class].__name__}"
             )
         return torch_class
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, as torch.optim does; collective (its parameters are broadcast from rank 0, once
+        every rank is found to add the same parameters and hyper-parameters)."""
+        super().add_param_group(param_group)
+        g = len(self.param_groups) - 1
+        group = self.param_groups[g]
+        try:
+            self._check_group(group, g)
+            opening = [] if g else self._setup_items()
+            fingerprint.check(
+                self._comm, opening + fingerprint.group_items(group, g, groups.describe), f"param group {g}"
+            )
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._lay_out(group, g)
+        self._members = groups.members(self.param_groups)
+        claims.claim(self, group["params"])
+
+    def _check_group(self, group: dict[str, Any], g: int) -> None:
+        """Raise, before anything changes, if this scheme cannot take param group ``g``."""
+        raise NotImplementedError
+
+    def _setup_items(self) -> list[Item]:
+        """What every rank must construct alike besides the param groups (agreed with the first group)."""
+        raise NotImplementedError
+
+    def _lay_out(self, group: dict[str, Any], g: int) -> None:
+        """Collective: shard param group ``g`` over the ranks, each starting from rank 0's values."""
+        raise NotImplementedError
+
+    def _check_params(self, group: dict[str, Any], g: int) -> None:
+        """What every scheme checks of param group ``g``'s parameters: each given once, none sharded
+        by another library already, what the scheme needs of each (:meth:`_check_param`), and a
+        device the process group communicates."""
+        comm = self._comm
+        seen: set[torch.Tensor] = set()
+        for i, param in enumerate(group["params"]):
+            where = groups.describe(group, g, i)
+            if param in seen:
+                raise ValueError(f"{where} appears twice in the group; pass each parameter once")
+            seen.add(param)
+            groups.check_plain(param, where)
+            self._check_param(param, where)
+            if comm.world_size > 1 and param.device.type != comm.device.type:
+                raise ValueError(
+                    f"{where} is on {param.device} but the process group's backend "
+                    f"({dist.get_backend(comm.group)}) communicates {comm.device.type} tensors; "
+                    "use NCCL for CUDA parameters and gloo for CPU ones"
+                )
+
+    def _check_param(self, param: torch.Tensor, where: str) -> None:
+        """What this scheme needs of a parameter beyond torch's own checks."""
 
     def memory_stats(self) -> dict[str, int]:
         """This rank's bytes, by what holds them (:data:`MEMORY_KEYS`): the parameters, the gradients,

@@ -29,14 +29,14 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
-from . import claims, fingerprint, groups, owned_comm
-from . import state_dict as state_format
-from .base import ShardedOptimizer, dense_bytes
-from .comm import Comm, OnGroup
-from .lbfgs_flat import FlatSlices
-from .lbfgs_history import History, two_loop
-from .lbfgs_search import strong_wolfe
-from .state_view import ParamState, StateView
+from ..collectives import fingerprint, packed
+from ..collectives.comm import Comm, OnGroup
+from ..shared import groups, state_format
+from ..shared.base import ShardedOptimizer, dense_bytes
+from ..shared.state_view import ParamState, StateView
+from .flat import FlatSlices
+from .history import History, two_loop
+from .search import strong_wolfe
 
 #: The state vectors torch keeps full and this rank keeps a slice of (the lists: one per pair).
 VECTORS = ("d", "prev_flat_grad")
@@ -104,26 +104,28 @@ class ShardedLBFGS(OnGroup, ParamState, ShardedOptimizer):
         }
         # torch's own validation and defaults (max_eval's), from a throwaway LBFGS.
         defaults = dict(torch.optim.LBFGS([torch.nn.Parameter(torch.zeros(1))], **keywords).defaults)
+        self._comm = Comm(process_group, timeout)
+        self._history: History | None = None
         super().__init__(params, defaults)
         #: This rank's slices of the LBFGS state (torch's names), under the first parameter as torch keeps
         #: it; ``opt.state`` stays empty.
         self.shard_state: dict[Tensor, dict[str, Any]] = defaultdict(dict)
         self.state = StateView()
-        if len(self.param_groups) != 1:
+
+    def _check_group(self, group: dict[str, Any], g: int) -> None:
+        if g:
             raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
-        for i, param in enumerate(self.param_groups[0]["params"]):
-            groups.check_plain(param, groups.describe(self.param_groups[0], 0, i))
-        self._comm = Comm(process_group, timeout)
-        items = [("the algorithm (LBFGS)", fingerprint.stable_hash("LBFGS"))]
-        items += fingerprint.group_items(self.param_groups[0], 0, groups.describe)
-        fingerprint.check(self._comm, items, "LBFGS construction")
-        self._params: list[Tensor] = self.param_groups[0]["params"]
+        self._check_params(group, g)
+
+    def _setup_items(self) -> list[fingerprint.Item]:
+        return [("the algorithm (LBFGS)", fingerprint.stable_hash("LBFGS"))]
+
+    def _lay_out(self, group: dict[str, Any], g: int) -> None:
+        self._params: list[Tensor] = group["params"]
         self._flat = FlatSlices(self._params, self._comm)
-        self._history: History | None = None
         # Every rank must start from the same parameters, as DDP ensures at construction.
         with torch.no_grad():
-            owned_comm.broadcast_from_first(self._comm, self._params, "the broadcast of the initial parameters")
-        claims.claim(self, self._params)
+            packed.broadcast_from_first(self._comm, self._params, "the broadcast of the initial parameters")
 
     # ------------------------------------------------------------------ evaluations
 

@@ -25,16 +25,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import claims, closure_loss, fingerprint, groups, owned_comm
+from ..collectives import fingerprint, packed
+from ..collectives.comm import Comm, OnGroup
+from ..collectives.phases import BACKWARD, DDP_FORWARD
+from . import closure_loss, groups
 from .backward_hooks import BackwardHooks
 from .base import ShardedOptimizer
-from .comm import Comm, OnGroup
 from .ddp_watch import DDPWatch
 from .grad_checks import GradChecks, on_owner
-from .phases import BACKWARD, DDP_FORWARD
+from .options import Options
 from .state_view import ParamState, StateView
 
-GRAD_REDUCTIONS = ("mean", "sum", None)
 OUR_KEYWORDS = ("process_group", "grad_reduction", "timeout")
 
 
@@ -64,15 +65,11 @@ class ReplicatedOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
         timeout: float | timedelta,
         kwargs: dict[str, Any],
     ) -> None:
-        if grad_reduction not in GRAD_REDUCTIONS:
-            raise ValueError(
-                f"grad_reduction must be 'mean', 'sum' or None (gradients already reduced), got {grad_reduction!r}"
-            )
+        self._options = Options(grad_reduction=grad_reduction, timeout=timeout)
         defaults = groups.torch_defaults(torch_class, kwargs, OUR_KEYWORDS)
         self._torch_class = torch_class
         self._kwargs = kwargs
         self._comm = Comm(process_group, timeout)
-        self._grad_reduction = grad_reduction
         self._reduced: Reduced | None = None  # set by clip_grad_norm_ or a GradScaler until the step that follows
         self._scaler_checked = False  # shardopt.GradScaler looked at this step's gradients
         self._by_ddp = False  # a backward since the last step was reduced by DDP: its p.grad is final
@@ -96,30 +93,14 @@ class ReplicatedOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
 
     # ------------------------------------------------------------------ groups
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, as torch.optim does; collective (its parameters are broadcast from rank 0, once
-        every rank is found to add the same parameters and hyper-parameters)."""
-        super().add_param_group(param_group)
-        g = len(self.param_groups) - 1
-        group = self.param_groups[g]
-        try:
-            self._check_group(group, g)
-            opening = [] if g else self._setup_items()
-            fingerprint.check(
-                self._comm, opening + fingerprint.group_items(group, g, groups.describe), f"param group {g}"
-            )
-        except Exception:
-            self.param_groups.pop()
-            raise
+    def _lay_out(self, group: dict[str, Any], g: int) -> None:
         self._place(group)
-        self._members = groups.members(self.param_groups)
-        if self.REDUCES_IN_BACKWARD and self._grad_reduction is not None and self._comm.world_size > 1:
+        if self.REDUCES_IN_BACKWARD and self._options.grad_reduction is not None and self._comm.world_size > 1:
             self._watch.add(group["params"])
             self._hooks.add(group["params"], range(len(group["params"])))
         # Every rank must start from the same parameters, as DDP ensures at construction.
         with torch.no_grad():
-            owned_comm.broadcast_from_first(self._comm, group["params"], "the broadcast of the initial parameters")
-        claims.claim(self, group["params"])
+            packed.broadcast_from_first(self._comm, group["params"], "the broadcast of the initial parameters")
 
     def _release(self) -> None:
         self._hooks.remove()
@@ -129,29 +110,16 @@ class ReplicatedOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
         name = self._torch_class.__name__
         return [
             (f"the algorithm ({name})", fingerprint.stable_hash(name)),
-            (f"grad_reduction ({self._grad_reduction!r})", fingerprint.stable_hash(self._grad_reduction)),
+            (
+                f"grad_reduction ({self._options.grad_reduction!r})",
+                fingerprint.stable_hash(self._options.grad_reduction),
+            ),
         ]
 
     def _check_group(self, group: dict[str, Any], g: int) -> None:
         # torch's own validation of the group (Muon: 2-D parameters only), without creating state.
         self._torch_class([dict(group)], **self._kwargs)
-        seen: set[Tensor] = set()
-        for i, param in enumerate(group["params"]):
-            where = groups.describe(group, g, i)
-            if param in seen:
-                raise ValueError(f"{where} appears twice in the group; pass each parameter once")
-            seen.add(param)
-            groups.check_plain(param, where)
-            self._check_param(param, where)
-            if self._comm.world_size > 1 and param.device.type != self._comm.device.type:
-                raise ValueError(
-                    f"{where} is on {param.device} but the process group's backend "
-                    f"({dist.get_backend(self._comm.group)}) communicates {self._comm.device.type} tensors; "
-                    "use NCCL for CUDA parameters and gloo for CPU ones"
-                )
-
-    def _check_param(self, param: Tensor, where: str) -> None:
-        """What this coordinator needs of a parameter beyond torch's own checks."""
+        self._check_params(group, g)
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]

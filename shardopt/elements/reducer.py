@@ -48,14 +48,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import sparse_exchange
-from .backward_hooks import BackwardHooks
+from ..collectives import sparse_exchange
+from ..collectives.comm import Comm, Pending
+from ..collectives.phases import BACKWARD, DDP_FORWARD
+from ..collectives.ring import PartsPlan, parts_plan
+from ..collectives.span import Span
+from ..shared.backward_hooks import BackwardHooks
+from ..shared.ddp_watch import DDPWatch
 from .buffer import DENSE, NO_GRAD, SPARSE, ShardedBuffer, grad_code
-from .comm import Comm, Pending
-from .ddp_watch import DDPWatch
-from .layout import Span
-from .phases import BACKWARD, DDP_FORWARD
-from .ring import PartsPlan, parts_plan
 from .sparse_grads import add_entries, dense_ranges, reduce_ranges
 from .staging import PoolKey, StagingPool
 from .taken_grad import TakenGrad

@@ -24,9 +24,9 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from . import hook_handles
+from ..collectives.comm import Comm, Pending
+from ..shared import hook_handles
 from .buffer import ShardedBuffer
-from .comm import Comm, Pending
 from .staging import StagingPool
 
 # Staging buffers taken at once (being updated, or gathering): the step updates UPDATE_BATCH buckets

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import Comm
+from ..collectives.comm import Comm
 
 T = TypeVar("T")
 

@@ -22,11 +22,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import algorithms, fingerprint, groups, owned_comm, owned_state
-from . import state_dict as state_format
-from .base import dense_bytes
-from .ownership import assign_owners, update_cost
-from .replicated import Reduced, ReplicatedOptimizer
+from .. import algorithms
+from ..collectives import fingerprint, packed
+from ..shared import groups, state_format, torch_state
+from ..shared.base import dense_bytes
+from ..shared.replicated import Reduced, ReplicatedOptimizer
+from .assign import assign_owners, update_cost
 
 
 class OwnedOptimizer(ReplicatedOptimizer):
@@ -104,11 +105,11 @@ class OwnedOptimizer(ReplicatedOptimizer):
 
     def _reduce_grads(self, present: list[Tensor]) -> None:
         """Collective: the reduced gradient in every present ``p.grad``, on every rank (DDP's, as it is)."""
-        if self._grad_reduction is not None and not self._by_ddp:
+        if self._options.grad_reduction is not None and not self._by_ddp:
             # A parameter with a gradient on some rank only counts zero on the others.
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in present]
-            mean = self._grad_reduction == "mean"
-            reduced = owned_comm.all_reduce(self._comm, grads, "the all-reduce of the gradients", mean)
+            mean = self._options.grad_reduction == "mean"
+            reduced = packed.all_reduce(self._comm, grads, "the all-reduce of the gradients", mean)
             for param, grad in zip(present, reduced):
                 param.grad = grad
 
@@ -119,7 +120,7 @@ class OwnedOptimizer(ReplicatedOptimizer):
             inner.update(self._hyper_parameters(outer))
         self._inner.step()
         owners = [self._owner[p] for p in reduced.present]
-        owned_comm.gather_from_owners(self._comm, reduced.present, owners, "the all-gather of updated parameters")
+        packed.gather_from_owners(self._comm, reduced.present, owners, "the all-gather of updated parameters")
 
     def _grad_tensors(self, reduced: Reduced) -> list[Tensor]:
         return [p.grad for p in reduced.present if p.grad is not None]
@@ -147,12 +148,12 @@ class OwnedOptimizer(ReplicatedOptimizer):
                 if not flag:
                     continue
                 owner = self._owner[param]
-                template = owned_state.initial_state(self._torch_class, param)
+                template = torch_state.initial_state(self._torch_class, param)
                 entry = {name: mine[param][name].clone() for name in template} if owner == self.rank else template
                 entries[param] = entry
                 tensors += entry.values()
                 owners += [owner] * len(entry)
-            owned_comm.gather_from_owners(self._comm, tensors, owners, "the all-gather of optimizer state")
+            packed.gather_from_owners(self._comm, tensors, owners, "the all-gather of optimizer state")
         return state_format.pack(self.param_groups, entries)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -172,9 +173,9 @@ class OwnedOptimizer(ReplicatedOptimizer):
         for g, group in enumerate(new_groups):
             for i, param in enumerate(group["params"]):
                 if param in states:
-                    templates[param] = owned_state.initial_state(self._torch_class, param)
-                    owned_state.check_entry(states[param], templates[param], name, groups.describe(group, g, i))
-        owned = {p: owned_state.installed(e, templates[p]) for p, e in states.items() if self._owner[p] == self.rank}
+                    templates[param] = torch_state.initial_state(self._torch_class, param)
+                    torch_state.check_entry(states[param], templates[param], name, groups.describe(group, g, i))
+        owned = {p: torch_state.installed(e, templates[p]) for p, e in states.items() if self._owner[p] == self.rank}
         self._restore_state(new_groups, owned)
 
     def _has_state(self) -> list[bool]:

@@ -27,8 +27,8 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
-from .algorithms import Algorithm, Group, Slices
-from .algorithms.base import Coefficients
+from ..algorithms import Algorithm, Group, Slices
+from ..algorithms.base import Coefficients
 
 #: Below this many elements in all, ``fused=None`` does not compile: the first compile takes
 #: seconds and the eager update of a few small slices is already short.

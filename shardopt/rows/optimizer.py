@@ -27,11 +27,11 @@ from torch import Tensor
 from torch.optim import _functional
 from torch.optim.optimizer import _to_scalar
 
-from . import fingerprint, groups, owned_state, sparse_exchange
-from . import state_dict as state_format
-from .base import dense_bytes
-from .replicated import Reduced, ReplicatedOptimizer
-from .rows import entries_in, row_ranges, touched_rows
+from ..collectives import fingerprint, sparse_exchange
+from ..shared import groups, state_format, torch_state
+from ..shared.base import dense_bytes
+from ..shared.replicated import Reduced, ReplicatedOptimizer
+from ..shared.rows import entries_in, row_ranges, touched_rows
 
 # torch.optim.SparseAdam's own message (torch/optim/sparse_adam.py), so users' handling still works.
 DENSE_GRADIENT_ERROR = "SparseAdam does not support dense gradients, please consider Adam instead"
@@ -127,12 +127,12 @@ class SparseRowOptimizer(ReplicatedOptimizer):
         """For each parameter with a gradient on some rank: the reduced sparse gradient of this
         rank's rows, and the rows each rank will update (the same on every rank)."""
         local = {p: p.grad.coalesce() if p.grad is not None else None for p in present}
-        if self._grad_reduction is None or self._comm.world_size == 1:
+        if self._options.grad_reduction is None or self._comm.world_size == 1:
             # Already reduced (or nothing to reduce): every rank sees every entry in its own gradient.
             everyone = {p: (g.indices(), g.values()) for p, g in local.items() if g is not None}
         else:
             everyone = sparse_exchange.gather_gradients(self._comm, local)
-        divide = self._grad_reduction == "mean" and self._comm.world_size > 1
+        divide = self._options.grad_reduction == "mean" and self._comm.world_size > 1
         slices = {}
         for param in present:
             ranges = self._rows[param]
@@ -223,7 +223,7 @@ class SparseRowOptimizer(ReplicatedOptimizer):
                     # Shapes only: "meta" tensors allocate nothing.
                     template = {"step": torch.empty((), device="meta")}
                     template |= {name: torch.empty(param.shape, device="meta") for name in STATE_NAMES}
-                    owned_state.check_entry(states[param], template, "SparseAdam", groups.describe(group, g, i))
+                    torch_state.check_entry(states[param], template, "SparseAdam", groups.describe(group, g, i))
         mine = {}
         for param, entry in states.items():
             rows = self._rows[param][self.rank]

@@ -1,0 +1,1 @@
+"""The element-wise algorithms, sharded by element ranges of flat buffers (``ElementOptimizer``)."""

@@ -1,0 +1,1 @@
+"""SparseAdam, sharded by rows of its sparse tables (``SparseRowOptimizer``)."""

@@ -1,0 +1,1 @@
+"""LBFGS, sharded by slices of its history vectors (``ShardedLBFGS``)."""
