@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .elements.buffer import ShardedBuffer
 from .elements.memory_order import flattened
 from .elements.optimizer import ElementOptimizer
+from .shared.groups import describe
 
 
 class ShardedAveragedModel:
@@ -160,7 +161,7 @@ class ShardedAveragedModel:
             group = self._optimizer.param_groups[buffer.group_index]
             for slot, param in zip(buffer.layout.slots, buffer.params):
                 if param not in self._names:
-                    where = self._optimizer._describe(group, buffer.group_index, slot.index)
+                    where = describe(group, buffer.group_index, slot.index)
                     raise ValueError(
                         f"optimizer {where} is not a parameter of `model`; pass the model whose parameters "
                         "the optimizer trains"

@@ -38,15 +38,7 @@ from .buffer import ShardedBuffer
 from .layout import ParamSpec, plan_buffers
 from .param_gather import UPDATE_BATCH, ParamGathers
 from .reducer import GradReducer
-from .state import (
-    check_entry,
-    check_master,
-    gather_buffer_state,
-    gather_master,
-    initial_entry,
-    load_buffer_state,
-    load_master,
-)
+from .state import check_loaded, gather_state, initial_entry, install_state
 
 
 @dataclass
@@ -172,7 +164,7 @@ class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
             if len(devices) > 1:
                 raise ValueError(
                     f"parameters are on more than one device ({', '.join(sorted(map(str, devices)))}), first "
-                    f"differing at {self._describe(group, g, i)}; move the model to one device before creating "
+                    f"differing at {groups.describe(group, g, i)}; move the model to one device before creating "
                     "the optimizer"
                 )
         self._check_params(group, g)
@@ -206,10 +198,8 @@ class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
         """Everything ranks must hold alike: the setup, every group's hyper-parameters and parameters."""
         items = self._setup_items()
         for g, group in enumerate(self.param_groups):
-            items += fingerprint.group_items(group, g, self._describe)
+            items += fingerprint.group_items(group, g, groups.describe)
         return items
-
-    _describe = staticmethod(groups.describe)
 
     def _lay_out(self, group: dict[str, Any], g: int) -> None:
         trainable = []
@@ -407,9 +397,9 @@ class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
         stray = torch.tensor([float(p.grad is not None) for _, _, p in self._unsharded], dtype=torch.float64)
         problems = torch.tensor([float(p is not None) for p in self._reducer.problems], dtype=torch.float64)
         kinds = torch.tensor([_kind(buffer) for buffer in self._buffers], dtype=torch.float64)
-        dropped = self._reducer.dropped_flags()
+        dropped = self._reducer.custody.dropped_flags()
         edit = groups.edited(self.param_groups, self._members)
-        stale = torch.tensor([float(self._reducer.stale)], dtype=torch.float64)
+        stale = torch.tensor([float(self._reducer.custody.stale)], dtype=torch.float64)
         edited = torch.tensor([float(edit is not None)], dtype=torch.float64)
         hyper = torch.tensor(fingerprint.hyper_tail(self.param_groups), dtype=torch.float64)
         tail = torch.tensor(closure_loss.tail(loss), dtype=torch.float64)
@@ -432,7 +422,7 @@ class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
         if stray.any():
             g, i, _ = self._unsharded[int(stray.nonzero()[0])]
             raise RuntimeError(
-                f"{self._describe(self.param_groups[g], g, i)} has a gradient but did not require grad when it "
+                f"{groups.describe(self.param_groups[g], g, i)} has a gradient but did not require grad when it "
                 "was given to the optimizer; create the optimizer after unfreezing it, or add it with "
                 "add_param_group"
             )
@@ -441,20 +431,12 @@ class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
 
     def _name(self, g: int, i: int) -> str:
         """Parameter ``i`` of param group ``g``, as errors name it."""
-        return self._describe(self.param_groups[g], g, i)
+        return groups.describe(self.param_groups[g], g, i)
 
     def _locate(self, position: int) -> tuple[int, str]:
         """(param group, name) of the parameter at ``position`` in the buffers' concatenated order."""
-        g, i = self._position(position)
+        g, i = refusals.where_in_groups(self._buffers, position)
         return g, self._name(g, i)
-
-    def _position(self, position: int) -> tuple[int, int]:
-        """(param group, index in it) of the parameter at ``position`` in the buffers' concatenated order."""
-        for buffer in self._buffers:
-            if position < len(buffer.params):
-                return buffer.group_index, buffer.layout.slots[position].index
-            position -= len(buffer.params)
-        raise IndexError(position)
 
     # ------------------------------------------------------------------ state
 
@@ -465,17 +447,9 @@ class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
         number like ``"state"``): torch.optim ignores that key, ``load_state_dict`` restores them.
         """
         self._gathers.wait_all()
-        states: dict[Tensor, state_format.StateEntry] = {}
-        masters: dict[Tensor, Tensor] = {}
         # Agreed first: a rank one step() ahead would pair that step's collectives with these.
         with self._comm.call("state_dict()", agree=True):
-            for buffer in self._buffers:
-                entries = gather_buffer_state(buffer, self._comm, self._scalar_dtype)
-                for slot, entry in entries.items():
-                    states[buffer.params[slot]] = entry
-                if buffer.master is not None:
-                    for slot, master in gather_master(buffer, self._comm).items():
-                        masters[buffer.params[slot]] = master
+            states, masters = gather_state(self._buffers, self._comm, self._scalar_dtype)
         if self._algorithm.eager_state:
             for g, _, param in self._unsharded:
                 states[param] = initial_entry(self._algorithm, self.param_groups[g], param, self._scalar_dtype)
@@ -499,21 +473,12 @@ class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
         states = {param: sparse_grads.densified(entry) for param, entry in states.items()}
         for g, group in enumerate(new_groups):
             self._check_group(group, g)
-            for i, param in enumerate(group["params"]):
-                where = self._describe(group, g, i)
-                if param in states:
-                    check_entry(states[param], param, self._algorithm, group, where)
-                if param in masters:
-                    check_master(masters[param], param, where)
+            check_loaded(group, g, states, masters, self._algorithm)
         # Ranks loading different dicts would install a mix; they get one error instead.
-        items = fingerprint.loaded_items(new_groups, states, self._describe)
+        items = fingerprint.loaded_items(new_groups, states, groups.describe)
         fingerprint.check(self._comm, items, "load_state_dict (every rank must load the same state dict)")
         self.param_groups[:] = new_groups
-        for buffer in self._buffers:
-            group = new_groups[buffer.group_index]
-            entries = [states.get(param) for param in buffer.params]
-            load_buffer_state(buffer, entries, self._algorithm.tensor_state(group))
-            load_master(buffer, [masters.get(param) for param in buffer.params])
+        install_state(self._buffers, new_groups, states, masters, self._algorithm)
 
     # ------------------------------------------------------------------ introspection
 

@@ -13,6 +13,16 @@ from torch import Tensor
 from . import sparse_grads
 from .buffer import ShardedBuffer
 
+
+def where_in_groups(buffers: list[ShardedBuffer], position: int) -> tuple[int, int]:
+    """(param group, index in it) of the parameter at ``position`` in ``buffers``' concatenated order."""
+    for buffer in buffers:
+        if position < len(buffer.params):
+            return buffer.group_index, buffer.layout.slots[position].index
+        position -= len(buffer.params)
+    raise IndexError(position)
+
+
 #: (param group, the parameter as errors name it) of the parameter at a position of the buffers' order.
 Locate = Callable[[int], tuple[int, str]]
 

@@ -15,16 +15,18 @@ Pure functions, except :func:`reduce_ranges` (one collective per range).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..collectives import sparse_exchange
 from ..collectives.comm import Comm, Pending
 from ..collectives.span import Span
 from ..shared.rows import entries_in
-from .layout import Slot
+from .buffer import ShardedBuffer
+from .layout import BufferLayout, Slot
 
 # torch.optim's own words where a keyword rules out sparse gradients (torch/optim/sgd.py and adagrad.py:
 # weight decay adds the dense parameter to the sparse gradient; the fused kernels take dense tensors).
@@ -103,6 +105,60 @@ def add_entries(window: Tensor, in_param: Span, shape: tuple[int, ...], indices:
     offsets = (mine[0] * block + first * block - in_param.start).view(-1, 1) + torch.arange(block, device=mine.device)
     inside = (offsets >= 0) & (offsets < in_param.size)
     window.index_add_(0, offsets[inside], mine_values[inside].to(window.dtype))
+
+
+class KnownSparse:
+    """Per buffer, the parameters agreed sparse in some step (the same on every rank) and, where there
+    are any, the ranges its dense reduction covers instead of the whole buffer (None: all of it)."""
+
+    def __init__(self) -> None:
+        self._slots: list[set[int]] = []
+        self.ranges: list[list[Span] | None] = []
+
+    def add_buffer(self) -> None:
+        self._slots.append(set())
+        self.ranges.append(None)
+
+    def flags(self, sizes: list[int]) -> Tensor | None:
+        """Per parameter, in the buffers' order (``sizes``: parameters per buffer): whether it had a sparse
+        gradient in an earlier step; None while none had (the common case, looked up once per buffer)."""
+        if not any(self._slots):
+            return None
+        return torch.tensor([slot in known for size, known in zip(sizes, self._slots) for slot in range(size)])
+
+    def mark(self, index: int, slot: int, layout: BufferLayout) -> None:
+        """Parameter ``slot`` of buffer ``index`` (laid out as ``layout``) had a sparse gradient."""
+        if slot not in self._slots[index]:
+            self._slots[index].add(slot)
+            self.ranges[index] = dense_ranges(layout.slots, self._slots[index], layout.numel)
+
+
+def add_reduced(
+    comm: Comm,
+    local: Mapping[Tensor, Tensor | None],
+    places: Mapping[Tensor, tuple[int, int]],
+    buffers: Sequence[ShardedBuffer],
+    shards: Sequence[Tensor],
+    reduce: bool,
+    mean: bool,
+) -> None:
+    """Collective: add the reduction (mean or sum, or this rank's own where ``reduce`` is False) of the
+    ranks' sparse gradients ``local`` (coalesced, None where this rank has none) into ``shards``, this
+    rank's shard of each buffer's reduced gradient; ``places`` holds each parameter's (buffer, slot)."""
+    world = comm.world_size
+    if reduce and world > 1:
+        everyone = sparse_exchange.gather_gradients(comm, dict(local))
+    else:  # nothing to reduce: this rank's own gradient is the result
+        everyone = {p: (g.indices(), g.values()) for p, g in local.items() if g is not None}
+    for param, (indices, values) in everyone.items():
+        index, slot = places[param]
+        buffer = buffers[index]
+        values = values.to(buffer.grad_dtype)
+        if mean and world > 1:  # before summing duplicates, as (g_0 + ... + g_N-1) / N adds g_r / N
+            values = values / world
+        for piece in buffer.pieces:
+            if piece.slot == slot:
+                add_entries(shards[index][piece.in_shard.slice], piece.in_param, tuple(param.shape), indices, values)
 
 
 def densified(entry: Mapping[str, Any]) -> dict[str, Any]:

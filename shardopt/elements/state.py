@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..algorithms import Algorithm
 from ..collectives.comm import Comm
+from ..shared.groups import describe
 from ..shared.state_format import StateEntry
 from .buffer import ShardedBuffer
 from .memory_order import flattened, shaped
@@ -128,3 +129,49 @@ def install_buffer_state(buffer: ShardedBuffer, state: dict[str, Tensor], entrie
             values[position] = float(entry[name]) if entry is not None else 0.0
     buffer.initialized = [entry is not None for entry in entries]
     buffer.uniform = len({(i, *(v[k] for v in buffer.scalars.values())) for k, i in enumerate(buffer.initialized)}) <= 1
+
+
+def gather_state(
+    buffers: list[ShardedBuffer], comm: Comm, scalar_dtype: torch.dtype
+) -> tuple[dict[Tensor, StateEntry], dict[Tensor, Tensor]]:
+    """Collective: the state, and the fp32 master weights, of every parameter of ``buffers`` that has them."""
+    states: dict[Tensor, StateEntry] = {}
+    masters: dict[Tensor, Tensor] = {}
+    for buffer in buffers:
+        for slot, entry in gather_buffer_state(buffer, comm, scalar_dtype).items():
+            states[buffer.params[slot]] = entry
+        if buffer.master is not None:
+            for slot, master in gather_master(buffer, comm).items():
+                masters[buffer.params[slot]] = master
+    return states, masters
+
+
+def check_loaded(
+    group: Mapping[str, Any],
+    g: int,
+    states: Mapping[Tensor, StateEntry],
+    masters: Mapping[Tensor, Any],
+    algorithm: Algorithm,
+) -> None:
+    """Raise ValueError naming the first parameter of param group ``g`` whose loaded state or master
+    weights this algorithm cannot resume from."""
+    for i, param in enumerate(group["params"]):
+        where = describe(group, g, i)
+        if param in states:
+            check_entry(states[param], param, algorithm, group, where)
+        if param in masters:
+            check_master(masters[param], param, where)
+
+
+def install_state(
+    buffers: list[ShardedBuffer],
+    param_groups: list[dict[str, Any]],
+    states: Mapping[Tensor, StateEntry],
+    masters: Mapping[Tensor, Tensor],
+    algorithm: Algorithm,
+) -> None:
+    """Make this rank's shards of ``states`` and ``masters`` (checked) every buffer's state."""
+    for buffer in buffers:
+        group = param_groups[buffer.group_index]
+        load_buffer_state(buffer, [states.get(param) for param in buffer.params], algorithm.tensor_state(group))
+        load_master(buffer, [masters.get(param) for param in buffer.params])

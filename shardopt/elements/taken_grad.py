@@ -82,3 +82,67 @@ class TakenGrad(Tensor):
             moved.incoming = None if taken.incoming is None else taken.incoming.to(moved.dtype).to(moved.device)
             return moved
         raise RuntimeError(TAKEN.format(op=func))
+
+
+class Custody:
+    """Stage 2, per buffer and parameter: the TakenGrad each leaves in p.grad (made once), whether one
+    was left there since the last step, and whether the gradient taken was dropped since."""
+
+    def __init__(self) -> None:
+        self._taken: list[list[TakenGrad | None]] = []
+        self._placed: list[list[bool]] = []
+        self._dropped: list[list[bool]] = []
+        #: A backward added to a gradient an earlier step() took (no zero_grad() after it).
+        self.stale = False
+
+    def add(self, size: int) -> None:
+        """A buffer of ``size`` parameters."""
+        self._taken.append([None] * size)
+        self._placed.append([False] * size)
+        self._dropped.append([False] * size)
+
+    def stand_in(self, index: int, slot: int, param: Tensor) -> TakenGrad:
+        """What ``param`` (parameter ``slot`` of buffer ``index``) holds in p.grad once its gradient is taken."""
+        taken = self._taken[index][slot]
+        if taken is None or taken.dtype != param.dtype or taken.device != param.device:
+            taken = self._taken[index][slot] = TakenGrad.like(param)
+        taken.incoming, taken.zeroed = None, False
+        self._placed[index][slot] = True
+        return taken
+
+    @staticmethod
+    def new_grad(param: Tensor) -> Tensor | None:
+        """The gradient ``param`` has that the reduction did not take yet: what autograd added to its
+        TakenGrad, or what p.grad holds instead of one."""
+        grad = param.grad
+        if isinstance(grad, TakenGrad):  # one an earlier step() left is found stale by drops() first
+            grad, grad.incoming = grad.incoming, None
+        return grad
+
+    def drops(self, grads: list[list[Tensor | None]]) -> list[tuple[int, int]]:
+        """(buffer, slot) of every parameter whose TakenGrad is gone from p.grad (set to None, replaced) or
+        was zeroed since it was placed (``grads``: each buffer's p.grad): its gradient was dropped, as torch
+        would drop it, and what was taken of it must be dropped too. A TakenGrad an earlier step left
+        makes the gradient :attr:`stale`."""
+        found = []
+        for index, buffer_grads in enumerate(grads):
+            placed = self._placed[index]
+            for slot, grad in enumerate(buffer_grads):
+                there = isinstance(grad, TakenGrad) and not grad.zeroed  # a cast model's gradients are cast ones
+                if placed[slot] and not there:
+                    placed[slot] = False
+                    self._dropped[index][slot] = True
+                    found.append((index, slot))
+                elif not placed[slot] and there:
+                    self.stale = True  # left in p.grad by an earlier step: torch would take that gradient again
+        return found
+
+    def dropped_flags(self) -> Tensor:
+        """Per parameter: whether this rank dropped the gradient taken of it since the last step."""
+        return torch.tensor([float(flag) for flags in self._dropped for flag in flags], dtype=torch.float64)
+
+    def reset(self) -> None:
+        """A new window between two steps: nothing placed or dropped."""
+        self._placed = [[False] * len(flags) for flags in self._placed]
+        self._dropped = [[False] * len(flags) for flags in self._dropped]
+        self.stale = False
