@@ -53,8 +53,9 @@ class ASGD(Algorithm):
         if c["average"]:
             ax.add_(param.sub(ax).mul_(c["mu"]))
         elif isinstance(c["mu"], Tensor) and param.device.type == "cpu":
-            # Compiled for a CPU: a kernel that only writes ax ran at half the memory roofline (50M
-            # fp32: 62 ms vs 31 ms); reading ax as well lets the hardware prefetch its lines. mu is 1
+            # Compiled for a CPU: a kernel that only writes ax ran at half the memory roofline
+            # (benchmarks/results/design_measurements.md); reading ax as well lets the hardware
+            # prefetch its lines. mu is 1
             # here, so the select always takes param; it is a runtime input, so it is not folded away.
             ax.copy_(torch.where(c["mu"] == 1, param, ax))
         else:

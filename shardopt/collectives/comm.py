@@ -74,8 +74,8 @@ class Comm:
             raise self._explained("the creation of shardopt's process group", error) from error
         self._group = weakref.ref(own)
         # gloo's reduce-scatter and all-gather are its slowest collectives: on gloo shardopt sends the
-        # same bytes around a ring of point-to-point messages (ring.py), 2-3x faster. NCCL keeps its own
-        # collectives, rings already.
+        # same bytes around a ring of point-to-point messages (ring.py), which is faster. NCCL keeps its
+        # own collectives, rings already.
         self._rings = dist.get_backend(process_group) == "gloo" and self.world_size > 1
 
     @property

@@ -4,8 +4,8 @@ A collective that never completes says only that some rank did not join it. To n
 each rank posts one entry per optimizer on the store torch.distributed already has (the one
 ``init_process_group`` or torchrun set up): the collective calls it has entered (``step()``,
 ``state_dict()``, ``clip_grad_norm_()``, a checkpoint save, ...), how many of them were
-``step()`` calls, and the last one. That is one small write per call, not per collective (about
-10 us on a TCPStore). On a failure a rank reads the others' entries, with a bounded wait, and
+``step()`` calls, and the last one. That is one small write per call, not per collective.
+On a failure a rank reads the others' entries, with a bounded wait, and
 names the ranks that are not in its call and where each of them is.
 
 The same entries catch ranks that called ``step()`` a different number of times: at the calls
@@ -195,7 +195,7 @@ class PhaseBoard:
         self._store = dist.PrefixStore(f"shardopt/{next(_created[name])}", store)
 
     def post(self, phase: Phase, quiet: bool = False) -> None:
-        """Say that this rank entered ``phase`` (one write, about 10 us on a TCPStore over loopback).
+        """Say that this rank entered ``phase`` (one small write to the store).
         ``quiet``: a store that fails is left to the next collective to report."""
         if self._store is not None:
             try:

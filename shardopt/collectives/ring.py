@@ -1,9 +1,8 @@
 """Reduce-scatter and all-gather as rings of point-to-point messages: how shardopt moves them on gloo.
 
 gloo's own reduce-scatter and all-gather are slower than its all-reduce, and its all-reduce
-moves twice the bytes a reduce-scatter must (2 ranks on loopback, 50M fp32, one thread each:
-reduce_scatter_tensor 516 ms, all_gather_into_tensor 420 ms, all_reduce 288 ms; these rings
-124 ms and 158 ms). A ring of N ranks takes N-1 steps: at each, rank r sends one chunk to rank
+moves twice the bytes a reduce-scatter must; these rings are faster than all three
+(benchmarks/results/design_measurements.md). A ring of N ranks takes N-1 steps: at each, rank r sends one chunk to rank
 r+1 and receives one from rank r-1, so every rank sends (N-1)/N of the buffer, what NCCL's
 ring sends. Each chunk travels in pieces of at most about :data:`PIECE_BYTES`, so that adding one
 piece overlaps receiving the next. With 2 ranks the one step is in flight as soon as it is issued;
@@ -13,8 +12,8 @@ received), so every rank must wait its rings in the order it issued them, as it 
 Between two ranks a reduce-scatter's own data is only read (the one step sends the other
 rank's chunk and adds the received one to this rank's), so :class:`PairReduceScatter` reads it
 where it lies, as separate tensors (the parameters' gradients, as autograd left them): the
-gradients are not first copied into one flat buffer, a pass over every gradient each step
-(100M fp32: ~85 ms of one core). Its messages follow the tensors' spans, the same on both ranks
+gradients are not first copied into one flat buffer, a pass over every gradient each step.
+Its messages follow the tensors' spans, the same on both ranks
 whatever each holds (:func:`parts_plan`).
 
 The chunk and message arithmetic is pure (:func:`reduce_scatter_chunks`, :func:`all_gather_chunks`,
@@ -36,9 +35,8 @@ from .pending import Link, Pending
 from .span import Span
 
 #: Bytes per message. Pieces let the add of one overlap receiving the next where one large buffer is
-#: in flight alone (50M fp32, 2 ranks: 181 ms in one message, 124 ms in 1 MiB pieces); with many
-#: buckets in flight each message's own cost dominates (23 buckets of 4M fp32: reduce-scatter 213 ms
-#: in 1 MiB pieces, 187 ms in 8 MiB; all-gather 162 and 128 ms).
+#: in flight alone; with many buffers in flight each message's own cost dominates, so pieces are
+#: large (benchmarks/results/design_measurements.md).
 PIECE_BYTES = 8 << 20
 # Tags of ring messages: bit 30 set, clear of the small tags users give their own send/recv; the low 30
 # bits count the messages of a process group, in issue order, which is the same on every rank.

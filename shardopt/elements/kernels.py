@@ -34,11 +34,10 @@ from ..algorithms.base import Coefficients
 #: seconds and the eager update of a few small slices is already short.
 COMPILE_THRESHOLD = 2**20
 
-#: The most slices one compiled call updates. Each call costs about 0.15 ms on CPU before any
-#: element moves, and a kernel ran slower per element in more, shorter calls (50M fp32 Adamax,
-#: one thread: 8 calls of 3.3M elements 34.9 ms, one call over the same 8 slices 30.9 ms). A
-#: batch of k slices is a graph of its own, so a call takes the largest of 8, 4, 2 and 1 that
-#: fits: at most four graphs per algorithm and flags.
+#: The most slices one compiled call updates. Each call has a fixed cost before any element
+#: moves, and a kernel runs slower per element in more, shorter calls, so slices are batched
+#: (benchmarks/results/design_measurements.md). A batch of k slices is a graph of its own, so a
+#: call takes the largest of 8, 4, 2 and 1 that fits: at most four graphs per algorithm and flags.
 BATCH = 8
 
 #: ``SHARDOPT_COMPILE=0`` turns the compiled path off (the eager update runs instead).

@@ -14,12 +14,9 @@ alone keeps its state and runs torch's own update on it. One step, on every rank
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .. import algorithms
@@ -50,25 +47,6 @@ class OwnedOptimizer(ReplicatedOptimizer):
 
     SHARDS = algorithms.WHOLE_TENSOR
     REDUCES_IN_BACKWARD = True
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        optimizer_class: type[torch.optim.Optimizer] | str,
-        *,
-        process_group: dist.ProcessGroup | None = None,
-        grad_reduction: str | None = "mean",
-        timeout: float | timedelta = 300,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            params,
-            self.sharded_class(optimizer_class),
-            process_group=process_group,
-            grad_reduction=grad_reduction,
-            timeout=timeout,
-            kwargs=kwargs,
-        )
 
     def _prepare(self) -> None:
         self._owner: dict[Tensor, int] = {}

@@ -17,12 +17,9 @@ touched (sparse_exchange.py).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
-from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim import _functional
 from torch.optim.optimizer import _to_scalar
@@ -58,25 +55,6 @@ class SparseRowOptimizer(ReplicatedOptimizer):
     """
 
     SHARDS = (torch.optim.SparseAdam,)
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        optimizer_class: type[torch.optim.Optimizer] | str = torch.optim.SparseAdam,
-        *,
-        process_group: dist.ProcessGroup | None = None,
-        grad_reduction: str | None = "mean",
-        timeout: float | timedelta = 300,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            params,
-            self.sharded_class(optimizer_class),
-            process_group=process_group,
-            grad_reduction=grad_reduction,
-            timeout=timeout,
-            kwargs=kwargs,
-        )
 
     def _prepare(self) -> None:
         self._rows: dict[Tensor, list[range]] = {}  # each parameter's row range per rank

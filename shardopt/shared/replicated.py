@@ -58,13 +58,16 @@ class ReplicatedOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        torch_class: type[torch.optim.Optimizer],
+        optimizer_class: type[torch.optim.Optimizer] | str | None = None,
         *,
-        process_group: dist.ProcessGroup | None,
-        grad_reduction: str | None,
-        timeout: float | timedelta,
-        kwargs: dict[str, Any],
+        process_group: dist.ProcessGroup | None = None,
+        grad_reduction: str | None = "mean",
+        timeout: float | timedelta = 300,
+        **kwargs: Any,
     ) -> None:
+        """``optimizer_class``: one the scheme shards (``SHARDS``), or its name; None where it shards one only."""
+        only = self.SHARDS[0] if len(self.SHARDS) == 1 else None
+        torch_class = self.sharded_class(optimizer_class if optimizer_class is not None else only)
         self._options = Options(grad_reduction=grad_reduction, timeout=timeout)
         defaults = groups.torch_defaults(torch_class, kwargs, OUR_KEYWORDS)
         self._torch_class = torch_class
