@@ -62,7 +62,7 @@ def time_shardopt(count: int, per_bucket: int | None, repeats: int) -> tuple[flo
         steps.append(time.perf_counter() - middle)
 
     median_seconds(one, repeats)
-    return statistics.median(steps), statistics.median(backwards), len(optimizer._buffers)
+    return statistics.median(steps), statistics.median(backwards), len(optimizer.buffers)
 
 
 def time_plain_backward(count: int, repeats: int) -> float:

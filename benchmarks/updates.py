@@ -57,10 +57,10 @@ def time_update(optimizer: shardopt.ShardedOptimizer) -> None:
     weights = _weights.get(optimizer)
     if weights is None:
         weights = _weights[optimizer] = [
-            b.master if b.master is not None else b.read_shard(b.new_shard()) for b in optimizer._buffers
+            b.master if b.master is not None else b.read_shard(b.new_shard()) for b in optimizer.buffers
         ]
     works = []
-    for buffer, shard in zip(optimizer._buffers, weights):
+    for buffer, shard in zip(optimizer.buffers, weights):
         # Stage 2 keeps its gradient shard; stage 1 the full gradient, of which the shard is a slice.
         grad = buffer.grad_shard if buffer.grad_shard is not None else buffer.full_grad[buffer.shard.slice]
         works += optimizer._plan(buffer, shard, grad, torch.ones(len(buffer.params), dtype=torch.bool))

@@ -156,7 +156,7 @@ class ShardedAveragedModel:
         average of one value is that value, so its average starts from the weights as they are
         now, exactly as AveragedModel's would stand.
         """
-        new = self._optimizer._buffers[len(self._buffers) :]
+        new = self._optimizer.buffers[len(self._buffers) :]
         for buffer in new:
             group = self._optimizer.param_groups[buffer.group_index]
             for slot, param in zip(buffer.layout.slots, buffer.params):
@@ -181,7 +181,7 @@ class ShardedAveragedModel:
 
     def _gather(self) -> Iterator[tuple[ShardedBuffer, Tensor]]:
         """Collective: each buffer with its full average (in the master dtype), one buffer at a time."""
-        comm = self._optimizer._comm
+        comm = self._optimizer.comm
         for buffer, average in zip(self._buffers, self._averages):
             full = torch.empty(buffer.layout.numel, dtype=average.dtype, device=average.device)
             comm.all_gather(full, average, "the all-gather of averaged weights").wait()
@@ -288,26 +288,16 @@ class ShardedAveragedModel:
         buffers = [(tensor, tensor.detach().clone()) for tensor in self._model.buffers()]
         self._swapped = True
         try:
-            self._publish(self._averages)
+            self._optimizer.publish(self._averages, "swapped weights")
             yield self._model
         finally:
             try:
-                self._publish(training)
+                self._optimizer.publish(training, "swapped weights")
             finally:
                 with torch.no_grad():
                     for tensor, saved in buffers:
                         tensor.copy_(saved)
                 self._swapped = False
-
-    @torch.no_grad()
-    def _publish(self, shards: list[Tensor]) -> None:
-        """Before: each rank holds its shard of some weights. After: every rank's parameters hold them all."""
-        gathers = self._optimizer._gathers  # the step's own way into the parameters, a few buckets at a time
-        for index, (buffer, shard) in enumerate(zip(self._buffers, shards)):  # the optimizer's first buffers
-            full = gathers.staging(buffer)
-            full[buffer.shard.slice].copy_(shard)
-            gathers.issue(index, buffer, full, "swapped weights")
-        gathers.wait_all()
 
 
 def _weights(buffer: ShardedBuffer) -> Tensor:

@@ -479,4 +479,4 @@ def test_bad_state_dicts_raise_and_change_nothing() -> None:
 
 def _padded_bytes(optimizer: shardopt.ShardedOptimizer) -> int:
     """The bytes of the parameters' flat buffers, each padded to split into equal shards."""
-    return sum(buffer.layout.numel * buffer.dtype.itemsize for buffer in optimizer._buffers)
+    return sum(buffer.layout.numel * buffer.dtype.itemsize for buffer in optimizer.buffers)

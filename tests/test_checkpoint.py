@@ -151,7 +151,7 @@ def checkpoint_legs(directory: pathlib.Path, saves: bool, loads: list[int], impo
             extra, read = load_counting_reads(
                 directory / f"{name}-n{source}", model=model, optimizer=optimizer, scheduler=scheduler
             )
-            owned = sum(len(b.state) * sum(p.in_shard.size for p in b.pieces) for b in optimizer._buffers)
+            owned = sum(len(b.state) * sum(p.in_shard.size for p in b.pieces) for b in optimizer.buffers)
             results["read", name, source] = all_ranks((read, owned))
             # A copy: the scheduler changes a tensor lr in place as training goes on.
             loaded = copy.deepcopy((optimizer.state_dict(), scheduler.state_dict(), extra))

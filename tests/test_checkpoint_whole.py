@@ -115,13 +115,13 @@ def states(optimizers: list[Any], schedulers: list[Any]) -> Any:
 def held(optimizer: Any) -> int:
     """Elements of optimizer state (not 0-d) this rank holds."""
     if isinstance(optimizer, shardopt.ElementOptimizer):
-        return sum(len(b.state) * sum(p.in_shard.size for p in b.pieces) for b in optimizer._buffers)
+        return sum(len(b.state) * sum(p.in_shard.size for p in b.pieces) for b in optimizer.buffers)
     if isinstance(optimizer, shardopt.ShardedLBFGS):
         entry = next(iter(optimizer.shard_state.values()), {})
         vectors = [entry[n] for n in VECTORS if entry.get(n) is not None]
         vectors += [v for n in VECTOR_LISTS for v in entry.get(n) or []]
-        return len(vectors) * (optimizer._flat.stop - optimizer._flat.start)
-    state = optimizer._inner.state if isinstance(optimizer, shardopt.OwnedOptimizer) else optimizer.shard_state
+        return len(vectors) * (optimizer.flat.stop - optimizer.flat.start)
+    state = optimizer.owned_state if isinstance(optimizer, shardopt.OwnedOptimizer) else optimizer.shard_state
     return sum(t.numel() for entry in state.values() for t in entry.values() if isinstance(t, torch.Tensor) and t.ndim)
 
 

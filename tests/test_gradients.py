@@ -120,7 +120,7 @@ def gradient_handling(stage: int) -> dict[str, Any]:
         "taken": [isinstance(p.grad, TakenGrad) for p in params],
         "expected": expected,
         "stats": optimizer.memory_stats(),
-        "shard": optimizer._buffers[0].layout.shard_numel,
+        "shard": optimizer.buffers[0].layout.shard_numel,
     }
 
 

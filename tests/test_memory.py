@@ -24,7 +24,7 @@ def measure(stage: int) -> dict[str, int]:
     model(torch.randn(8, 61)).sum().backward()
     optimizer.step()
     stats = optimizer.memory_stats()
-    (buffer,) = optimizer._buffers
+    (buffer,) = optimizer.buffers
     full_state = optimizer.state_dict()["state"]
     return {
         "before": before["state_bytes"],

@@ -103,7 +103,7 @@ def staging_run(stage: int) -> list[dict[str, int]]:
         optimizer.step()
         stats.append({"reduce": optimizer._reducer.staging_bytes, "gather": optimizer._gathers.staging_bytes})
         assert optimizer.memory_stats()["staging_bytes"] == stats[-1]["reduce"] + stats[-1]["gather"]
-    return [dict(s, largest_bucket=max(b.layout.numel * 4 for b in optimizer._buffers)) for s in stats]
+    return [dict(s, largest_bucket=max(b.layout.numel * 4 for b in optimizer.buffers)) for s in stats]
 
 
 @pytest.mark.parametrize(("world_size", "stage"), [(1, 2), (2, 2), (3, 2), (2, 1)])

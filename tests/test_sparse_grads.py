@@ -137,7 +137,7 @@ def test_entries_of_any_sparse_dim_land_in_the_window_they_fall_in() -> None:
 def test_dense_ranges_leave_out_the_sparse_slots() -> None:
     model = Recommender()
     optimizer = shardopt.SGD(model.parameters(), lr=0.1)
-    layout = optimizer._buffers[0].layout
+    layout = optimizer.buffers[0].layout
     embedding, weight, bias = (slot.span for slot in layout.slots)
     assert dense_ranges(layout.slots, {0}, layout.numel) == [Span(embedding.end, layout.numel)]
     assert dense_ranges(layout.slots, {1}, layout.numel) == [Span(0, weight.start), Span(weight.end, layout.numel)]

@@ -26,13 +26,9 @@ from .part import Part, Staging, TensorLookup
 class ElementPart(Part):
     serves = (ElementOptimizer,)
 
-    @property
-    def algorithm(self) -> str:
-        return self.optimizer._algorithm.torch_class.__name__
-
     def describe(self, params: list[dict[str, Any]]) -> None:
         starts = manifests.group_starts(self.optimizer.param_groups)
-        for buffer in self.optimizer._buffers:
+        for buffer in self.optimizer.buffers:
             for position, slot in enumerate(buffer.layout.slots):
                 record = params[starts[buffer.group_index] + slot.index]
                 record["master"] = buffer.master is not None
@@ -45,13 +41,13 @@ class ElementPart(Part):
     def entries(self, names: list[list[str]]) -> dict[str, Any]:
         """This rank's pieces of the element-wise state and master weights, and the scalar state."""
         entries: dict[str, Any] = {}
-        for buffer in self.optimizer._buffers:
+        for buffer in self.optimizer.buffers:
             pieces = _pieces_by_slot(buffer)
             for position, slot in enumerate(buffer.layout.slots):
                 name, mine = names[buffer.group_index][slot.index], pieces.get(position, [])
                 if buffer.initialized[position]:
                     for state_name, values in buffer.scalars.items():
-                        value = torch.tensor(values[position], dtype=self.optimizer._scalar_dtype)
+                        value = torch.tensor(values[position], dtype=self.optimizer.scalar_dtype)
                         entries[self.key(name, state_name)] = value
                 if slot.span.size == 0:  # nothing to store, and DCP cannot index a tensor no rank writes
                     continue
@@ -66,12 +62,12 @@ class ElementPart(Part):
         """Stage new state shards (and master shards) for this rank's pieces of every buffer."""
         optimizer = self.optimizer
         starts = manifests.group_starts(optimizer.param_groups)
-        algorithm = optimizer._algorithm
+        algorithm = optimizer.algorithm
         # Per buffer: its new state shards and, per slot, the scalar state read (None: no state).
         self._buffers: list[tuple[ShardedBuffer, dict[str, Tensor], list[dict[str, Tensor] | None]]] = []
         # Per buffer with master weights: the master shard read, and the pieces of it the checkpoint held.
         self._masters: list[tuple[ShardedBuffer, Tensor, list[Piece]]] = []
-        for buffer in optimizer._buffers:
+        for buffer in optimizer.buffers:
             group = groups[buffer.group_index]
             scalar_names, tensor_names = list(algorithm.scalar_state(group)), list(algorithm.tensor_state(group))
             shards = {name: buffer.new_shard() for name in tensor_names}
@@ -95,7 +91,7 @@ class ElementPart(Part):
                         staging.path, saved, saved["scalar_state"] + saved["tensor_state"], scalar_names + tensor_names
                     )
                 scalars[position] = {
-                    name: staging.read(self.key(saved["name"], name), torch.zeros((), dtype=optimizer._scalar_dtype))
+                    name: staging.read(self.key(saved["name"], name), torch.zeros((), dtype=optimizer.scalar_dtype))
                     for name in scalar_names
                 }
                 if size == 0:
@@ -113,7 +109,7 @@ class ElementPart(Part):
         for buffer, shards, scalars in self._buffers:
             install_buffer_state(buffer, shards, scalars)
         # The model is loaded: the master weights start from its parameters.
-        for buffer in self.optimizer._buffers:
+        for buffer in self.optimizer.buffers:
             buffer.reset_master()
         for buffer, master, saved in self._masters:
             for piece in saved:

@@ -22,10 +22,10 @@ class OwnerPart(Part):
     serves = (OwnedOptimizer,)
 
     def exchange(self) -> None:
-        self._has_state = self.optimizer._has_state()
+        self._has_state = self.optimizer.has_state()
 
     def _template(self, param: Tensor) -> dict[str, Tensor]:
-        return torch_state.initial_state(self.optimizer._torch_class, param)
+        return torch_state.initial_state(self.optimizer.torch_class, param)
 
     def describe(self, params: list[dict[str, Any]]) -> None:
         for number, param in self.numbered():
@@ -41,7 +41,7 @@ class OwnerPart(Part):
 
     def entries(self, names: list[list[str]]) -> dict[str, Any]:
         flat_names = [name for group in names for name in group]
-        state = self.optimizer._inner.state
+        state = self.optimizer.owned_state
         return {
             self.key(flat_names[number], name): value.detach()
             for number, param in self.numbered()
@@ -52,7 +52,7 @@ class OwnerPart(Part):
         """The new owner of each parameter stages its state; every rank its 0-d entries."""
         self._read: dict[Tensor, dict[str, Tensor]] = {}
         for param, saved in self.saved_state(record, staging, lambda param: list(self._template(param))):
-            mine = self.optimizer._owner[param] == self.optimizer.rank
+            mine = self.optimizer.owner_of(param) == self.optimizer.rank
             entry = {
                 name: staging.read(self.key(saved["name"], name), torch.zeros_like(value))
                 for name, value in self._template(param).items()
@@ -62,4 +62,4 @@ class OwnerPart(Part):
                 self._read[param] = entry
 
     def install(self, groups: list[dict[str, Any]], tensor: TensorLookup) -> None:
-        self.optimizer._restore_state(groups, self._read)
+        self.optimizer.restore_state(groups, self._read)

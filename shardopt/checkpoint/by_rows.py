@@ -31,7 +31,7 @@ class RowPart(Part):
 
     def _rows(self, param: Tensor, rows: Tensor) -> Any:
         """``rows`` (this rank's rows of a state tensor of ``param``) as chunks of the flat tensor."""
-        start = self.optimizer._rows[param][self.optimizer.rank].start
+        start = self.optimizer.rows_of(param).start
         return chunk_of(param.numel(), start * math.prod(param.shape[1:]), rows)
 
     def entries(self, names: list[list[str]]) -> dict[str, Any]:
@@ -53,7 +53,7 @@ class RowPart(Part):
         for param, saved in self.saved_state(record, staging, lambda param: SCALARS + list(STATE_NAMES)):
             step = staging.read(self.key(saved["name"], "step"), torch.zeros((), dtype=torch.int64))
             entry: dict[str, Any] = {"step": step}
-            rows = self.optimizer._rows[param][self.optimizer.rank]
+            rows = self.optimizer.rows_of(param)
             for name in STATE_NAMES:
                 entry[name] = param.new_zeros(len(rows), *param.shape[1:])
                 if param.numel():
@@ -63,4 +63,4 @@ class RowPart(Part):
 
     def install(self, groups: list[dict[str, Any]], tensor: TensorLookup) -> None:
         mine = {param: {**entry, "step": int(entry["step"])} for param, entry in self._read.items()}
-        self.optimizer._restore_state(groups, mine)
+        self.optimizer.restore_state(groups, mine)

@@ -24,10 +24,6 @@ from .part import Part, Staging, TensorLookup, chunk_of
 class SlicePart(Part):
     serves = (ShardedLBFGS,)
 
-    @property
-    def algorithm(self) -> str:
-        return "LBFGS"
-
     def _references(self, first_name: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """This rank's state entry with each vector replaced by a reference to its DCP key, and the
         vectors (this rank's slices) by key; an empty entry where there is no state yet."""
@@ -52,7 +48,7 @@ class SlicePart(Part):
     def record(self, names: list[list[str]], encoder: Encoder, scheduler: Any) -> dict[str, Any]:
         record = super().record(names, encoder, scheduler)
         # Rebuilt on load to rounding only: saved, a resumed run takes the uninterrupted run's numbers.
-        gram = self.optimizer._gram()
+        gram = self.optimizer.gram()
         if gram is not None:
             record["gram"] = encoder.encode(list(gram), "the LBFGS history's Gram matrices")
         return record
@@ -62,7 +58,7 @@ class SlicePart(Part):
         return encoder.encode({0: references}, "the LBFGS state") if references else None
 
     def entries(self, names: list[list[str]]) -> dict[str, Any]:
-        flat = self.optimizer._flat
+        flat = self.optimizer.flat
         _, vectors = self._references(names[0][0])
         return {key: chunk_of(flat.numel, flat.start, v[: flat.stop - flat.start]) for key, v in vectors.items()}
 
@@ -74,7 +70,7 @@ class SlicePart(Part):
         the manifest's, which every rank reads)."""
         self._encoded, self._gram = record.get("state"), record.get("gram")
         self._slices: dict[str, Tensor] = {}
-        flat = self.optimizer._flat
+        flat = self.optimizer.flat
         for key in tensor_keys(self._encoded):
             if key.startswith(TENSOR_PREFIX):
                 continue
@@ -90,4 +86,4 @@ class SlicePart(Part):
 
         loaded = decode(self._encoded, lookup)[0] if self._encoded is not None else {}
         gram = tuple(decode(self._gram, tensor)) if self._gram is not None else None
-        self.optimizer._restore_state(groups, loaded, gram)
+        self.optimizer.restore_state(groups, loaded, gram)

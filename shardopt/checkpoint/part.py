@@ -68,7 +68,7 @@ class Part:
     @property
     def algorithm(self) -> str:
         """The torch.optim class name the manifest records and loads check."""
-        return self.optimizer._torch_class.__name__
+        return self.optimizer.torch_class.__name__
 
     def key(self, param_name: str, state_name: str) -> str:
         return manifests.state_key(param_name, state_name, self.position)
@@ -128,7 +128,7 @@ class Part:
         return groups
 
     def check_group(self, group: dict[str, Any], g: int) -> None:
-        self.optimizer._check_group(group, g)
+        self.optimizer.check_group(group, g)
 
     def stage(self, record: dict[str, Any], groups: list[dict[str, Any]], staging: Staging) -> None:
         """Check the saved state against this optimizer and stage the reads of what this rank will hold."""

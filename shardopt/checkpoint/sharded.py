@@ -169,12 +169,12 @@ def _settled(optimizers: list[Any], call: str) -> Iterator[tuple[Comm, list[Part
                 "with torch.save"
             )
         parts.append(kind(optimizer, position))
-    comm = optimizers[0]._comm
+    comm = optimizers[0].comm
     for position, optimizer in enumerate(optimizers):
-        if (optimizer._comm.rank, optimizer._comm.world_size) != (comm.rank, comm.world_size):
+        if (optimizer.comm.rank, optimizer.comm.world_size) != (comm.rank, comm.world_size):
             raise CheckpointError(
                 f"optimizer {position} runs on a process group other than optimizer 0's (rank "
-                f"{optimizer._comm.rank} of {optimizer._comm.world_size} vs {comm.rank} of {comm.world_size}); "
+                f"{optimizer.comm.rank} of {optimizer.comm.world_size} vs {comm.rank} of {comm.world_size}); "
                 "the optimizers of one checkpoint must share their process group"
             )
     with contextlib.ExitStack() as calls:
@@ -182,7 +182,7 @@ def _settled(optimizers: list[Any], call: str) -> Iterator[tuple[Comm, list[Part
             _wait_for_pending(optimizer)
             if isinstance(optimizer, ElementOptimizer):
                 optimizer.finish_param_gather()
-            calls.enter_context(optimizer._comm.call(call, agree=True))
+            calls.enter_context(optimizer.comm.call(call, agree=True))
         yield comm, parts
 
 
@@ -279,7 +279,7 @@ _WRITERS: weakref.WeakKeyDictionary[Any, AsyncWriter] = weakref.WeakKeyDictionar
 def _writer_of(optimizer: Any) -> AsyncWriter:
     """Collective the first time (it creates the process group)."""
     if optimizer not in _WRITERS:
-        _WRITERS[optimizer] = AsyncWriter.over(optimizer._comm)
+        _WRITERS[optimizer] = AsyncWriter.over(optimizer.comm)
     return _WRITERS[optimizer]
 
 

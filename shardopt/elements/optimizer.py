@@ -15,7 +15,6 @@ import contextlib
 import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -39,24 +38,6 @@ from .layout import ParamSpec, plan_buffers
 from .param_gather import UPDATE_BATCH, ParamGathers
 from .reducer import GradReducer
 from .state import check_loaded, gather_state, initial_entry, install_state
-
-
-@dataclass
-class _Reduced:
-    """A step's gradients once reduced: what the update reads and ``clip_grad_norm_`` scales."""
-
-    has_grad: Tensor  # per parameter, in the buffers' order: a gradient on some rank
-    grad_shards: list[Tensor]  # per buffer, this rank's shard of the mean gradient
-    loss: Any
-
-
-def _kind(buffer: ShardedBuffer) -> float:
-    """A number for the dtype and device type of ``buffer``'s parameters: equal on every rank, or they differ."""
-    return float(fingerprint.stable_hash((str(buffer.dtype), buffer.device.type)) % 2**40)
-
-
-def _takes(torch_class: type[torch.optim.Optimizer], keyword: str) -> bool:
-    return keyword in inspect.signature(torch_class.__init__).parameters
 
 
 class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
@@ -111,22 +92,11 @@ class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
             skip_nonfinite=skip_nonfinite,
             verify_every=verify_every,
         )
-        if isinstance(params, Tensor):
-            raise TypeError(
-                "params argument given to the optimizer should be an iterable of Tensors or dicts, "
-                f"but got {torch.typename(params)}"
-            )
-        if isinstance(params, (set, frozenset)):
-            # torch.optim tolerates a set here, but its order differs between processes:
-            # ranks would pack different layouts and exchange the wrong elements.
-            raise TypeError(
-                "optimizer parameters need to be organized in ordered collections, but the ordering of "
-                "tensors in sets differs between processes; pass a list (e.g. list(model.parameters()))"
-            )
         torch_class = self._algorithm.torch_class
         # torch's Adam, AdamW, SGD and Adagrad take ``fused`` themselves (it lives in their param
         # groups); for the others it is ours alone, kept out of the groups so they stay torch's.
-        self._fused = None if _takes(torch_class, "fused") else kwargs.pop("fused", None)
+        ours = "fused" not in inspect.signature(torch_class.__init__).parameters
+        self._fused = kwargs.pop("fused", None) if ours else None
         if self._fused not in (None, True, False):
             raise ValueError(f"fused must be None (choose), True or False, got {self._fused!r}")
         defaults = groups.torch_defaults(torch_class, kwargs)
@@ -139,11 +109,11 @@ class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
         self._buffers: list[ShardedBuffer] = []
         self._reducer = GradReducer(self._comm, self._options.stage, self._options.grad_reduction)
         self._gathers = ParamGathers(self._comm, lazy=self._options.overlap_param_gather)
-        self._reduced: _Reduced | None = None  # set by clip_grad_norm_ until the step that follows
+        self._reduced: update.Reduced | None = None  # set by clip_grad_norm_ until the step that follows
         # Parameters of the groups that did not require grad when added: kept in the
         # groups (state_dict numbering counts them, as torch's does) but not sharded.
         self._unsharded: list[tuple[int, int, Tensor]] = []
-        super().__init__(list(params), defaults)
+        super().__init__(self._ordered(params), defaults)
         self.state = StateView()
 
     # ------------------------------------------------------------------ groups
@@ -292,7 +262,7 @@ class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
                 full[buffer.shard.slice].copy_(buffer.master)  # rounded into the parameters' dtype
             self._gathers.issue(index, buffer, full)
 
-    def _skips(self, reduced: _Reduced) -> bool:
+    def _skips(self, reduced: update.Reduced) -> bool:
         """Whether this step is skipped, the same on every rank; unscales the gradients a GradScaler scaled."""
         scaler_skips = self._scaler_skips(reduced)
         if scaler_skips is not None:
@@ -308,12 +278,12 @@ class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
             )
         return False
 
-    def _grad_tensors(self, reduced: _Reduced) -> list[Tensor]:
+    def _grad_tensors(self, reduced: update.Reduced) -> list[Tensor]:
         """What holds this rank's reduced gradients: stage 1 the full gradient (p.grad are views of
         it, or copies kept in step), stage 2 the shard."""
         return [b.full_grad if self._options.stage == 1 else s for b, s in zip(self._buffers, reduced.grad_shards)]
 
-    def _norm_tensors(self, reduced: _Reduced) -> list[Tensor]:
+    def _norm_tensors(self, reduced: update.Reduced) -> list[Tensor]:
         return reduced.grad_shards  # each rank's shards are disjoint slices of the buffers
 
     def _norm_like(self) -> tuple[torch.dtype, torch.device]:
@@ -329,7 +299,7 @@ class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
         self._reduced = None
         self._reducer.reset()
 
-    def _reduce(self, loss: Any) -> _Reduced:
+    def _reduce(self, loss: Any) -> update.Reduced:
         """The first half of a step: this rank's shards of the mean gradient, and what the ranks agree on."""
         self._gathers.wait_all()  # the update writes the shards the last step's gathers read
         self._reducer.launch_remaining()
@@ -338,7 +308,7 @@ class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
         shards = [self._reducer.reduced_shard(index) for index in range(len(self._buffers))]
         if sparse.any():
             self._reducer.add_sparse(sparse.tolist(), shards)
-        return _Reduced(has_grad, shards, loss)
+        return update.Reduced(has_grad, shards, loss)
 
     @on_owner
     @contextlib.contextmanager
@@ -396,7 +366,7 @@ class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
         dense, sparse, late = self._reducer.local_flags()
         stray = torch.tensor([float(p.grad is not None) for _, _, p in self._unsharded], dtype=torch.float64)
         problems = torch.tensor([float(p is not None) for p in self._reducer.problems], dtype=torch.float64)
-        kinds = torch.tensor([_kind(buffer) for buffer in self._buffers], dtype=torch.float64)
+        kinds = torch.tensor([refusals.kind_of(buffer) for buffer in self._buffers], dtype=torch.float64)
         dropped = self._reducer.custody.dropped_flags()
         edit = groups.edited(self.param_groups, self._members)
         stale = torch.tensor([float(self._reducer.custody.stale)], dtype=torch.float64)
@@ -479,6 +449,37 @@ class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
         fingerprint.check(self._comm, items, "load_state_dict (every rank must load the same state dict)")
         self.param_groups[:] = new_groups
         install_state(self._buffers, new_groups, states, masters, self._algorithm)
+
+    # ------------------------------------------------------------------ what checkpoints and averaging read
+
+    @property
+    def torch_class(self) -> type[torch.optim.Optimizer]:
+        return self._algorithm.torch_class
+
+    @property
+    def algorithm(self) -> algorithms.Algorithm:
+        """The algorithm's math on flat shards: its state's names and initial values."""
+        return self._algorithm
+
+    @property
+    def buffers(self) -> tuple[ShardedBuffer, ...]:
+        """This rank's flat buffers, in the order groups were added: what it holds of every parameter."""
+        return tuple(self._buffers)
+
+    @property
+    def scalar_dtype(self) -> torch.dtype:
+        """The dtype of the 0-d state tensors (``step``) in torch.optim's format."""
+        return self._scalar_dtype
+
+    @torch.no_grad()
+    def publish(self, shards: list[Tensor], what: str) -> None:
+        """Collective: every rank's parameters of the first ``len(shards)`` buffers take the values whose
+        shard of this rank is ``shards`` (one per buffer), through the step's own gathers."""
+        for index, (buffer, shard) in enumerate(zip(self._buffers, shards)):
+            full = self._gathers.staging(buffer)
+            full[buffer.shard.slice].copy_(shard)
+            self._gathers.issue(index, buffer, full, what)
+        self._gathers.wait_all()
 
     # ------------------------------------------------------------------ introspection
 

@@ -10,8 +10,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..collectives import fingerprint
 from . import sparse_grads
 from .buffer import ShardedBuffer
+
+
+def kind_of(buffer: ShardedBuffer) -> float:
+    """A number for the dtype and device type of ``buffer``'s parameters: equal on every rank, or they differ."""
+    return float(fingerprint.stable_hash((str(buffer.dtype), buffer.device.type)) % 2**40)
 
 
 def where_in_groups(buffers: list[ShardedBuffer], position: int) -> tuple[int, int]:

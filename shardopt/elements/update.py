@@ -18,6 +18,15 @@ from .layout import runs
 
 
 @dataclass
+class Reduced:
+    """A step's gradients once reduced: what the update reads and ``clip_grad_norm_`` scales."""
+
+    has_grad: Tensor  # per parameter, in the buffers' order: a gradient on some rank
+    grad_shards: list[Tensor]  # per buffer, this rank's shard of the mean gradient
+    loss: Any
+
+
+@dataclass
 class Work:
     """Parameters (``slots``) of one buffer that share ``key`` (fresh, scalar values), and the
     spans of this rank's shard they cover: what one kernel call may update together."""

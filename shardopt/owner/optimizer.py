@@ -122,7 +122,7 @@ class OwnedOptimizer(ReplicatedOptimizer):
             entries: dict[Tensor, dict[str, Tensor]] = {}
             tensors: list[Tensor] = []
             owners: list[int] = []
-            for param, flag in zip(params, self._has_state()):
+            for param, flag in zip(params, self.has_state()):
                 if not flag:
                     continue
                 owner = self._owner[param]
@@ -154,9 +154,9 @@ class OwnedOptimizer(ReplicatedOptimizer):
                     templates[param] = torch_state.initial_state(self._torch_class, param)
                     torch_state.check_entry(states[param], templates[param], name, groups.describe(group, g, i))
         owned = {p: torch_state.installed(e, templates[p]) for p, e in states.items() if self._owner[p] == self.rank}
-        self._restore_state(new_groups, owned)
+        self.restore_state(new_groups, owned)
 
-    def _has_state(self) -> list[bool]:
+    def has_state(self) -> list[bool]:
         """Collective: whether each parameter (in the groups' order) has state, on its owner."""
         mine = self._inner.state
         flags = torch.tensor([float(bool(mine.get(p))) for p in self._params()], dtype=torch.float64)
@@ -164,11 +164,22 @@ class OwnedOptimizer(ReplicatedOptimizer):
         self._comm.all_reduce_(flags, "the agreement on which parameters have optimizer state").wait()
         return [bool(flag) for flag in flags.tolist()]
 
-    def _restore_state(self, new_groups: list[dict[str, Any]], owned: dict[Tensor, dict[str, Tensor]]) -> None:
+    def restore_state(self, new_groups: list[dict[str, Any]], owned: dict[Tensor, dict[str, Tensor]]) -> None:
         """Local: install checked param groups and the state of the parameters this rank owns."""
         self.param_groups[:] = new_groups
         self._inner.state.clear()
         self._inner.state.update(owned)
+
+    # ------------------------------------------------------------------ what checkpoints read
+
+    def owner_of(self, param: Tensor) -> int:
+        """The rank that keeps ``param``'s state and updates it."""
+        return self._owner[param]
+
+    @property
+    def owned_state(self) -> dict[Tensor, dict[str, Tensor]]:
+        """The state of the parameters this rank owns, as torch's own optimizer keeps it."""
+        return self._inner.state
 
     # ------------------------------------------------------------------ introspection
 

@@ -211,13 +211,19 @@ class SparseRowOptimizer(ReplicatedOptimizer):
                 )
                 for name in STATE_NAMES
             }
-        self._restore_state(new_groups, mine)
+        self.restore_state(new_groups, mine)
 
-    def _restore_state(self, new_groups: list[dict[str, Any]], mine: dict[Tensor, dict[str, Any]]) -> None:
+    def restore_state(self, new_groups: list[dict[str, Any]], mine: dict[Tensor, dict[str, Any]]) -> None:
         """Local: install checked param groups and the state of this rank's rows."""
         self.param_groups[:] = new_groups
         self.shard_state.clear()
         self.shard_state.update(mine)
+
+    # ------------------------------------------------------------------ what checkpoints read
+
+    def rows_of(self, param: Tensor) -> range:
+        """The rows of ``param`` this rank keeps the state of (and updates)."""
+        return self._rows[param][self._comm.rank]
 
     # ------------------------------------------------------------------ introspection
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from .. import algorithms
 from ..collectives import fingerprint
+from ..collectives.comm import Comm
 from ..collectives.fingerprint import Item
 from . import claims, groups
 
@@ -58,6 +59,7 @@ class ShardedOptimizer(torch.optim.Optimizer, metaclass=_BuildsTheScheme):
     #: The torch.optim classes a scheme shards; each is registered to exactly one scheme.
     SHARDS: ClassVar[tuple[type[torch.optim.Optimizer], ...]] = ()
     _schemes: ClassVar[dict[type[torch.optim.Optimizer], type[ShardedOptimizer]]] = {}
+    _comm: Comm  # set by each scheme's constructor before its first param group
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -113,6 +115,22 @@ class ShardedOptimizer(torch.optim.Optimizer, metaclass=_BuildsTheScheme):
         """Collective: shard param group ``g`` over the ranks, each starting from rank 0's values."""
         raise NotImplementedError
 
+    @staticmethod
+    def _ordered(params: Any) -> list[Any]:
+        """``params`` as a list, refusing what torch.optim refuses and a set, whose order differs between
+        processes (torch.optim tolerates one; ranks would lay out different shards)."""
+        if isinstance(params, torch.Tensor):
+            raise TypeError(
+                "params argument given to the optimizer should be an iterable of Tensors or dicts, "
+                f"but got {torch.typename(params)}"
+            )
+        if isinstance(params, (set, frozenset)):
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but the ordering of "
+                "tensors in sets differs between processes; pass a list (e.g. list(model.parameters()))"
+            )
+        return list(params)
+
     def _check_params(self, group: dict[str, Any], g: int) -> None:
         """What every scheme checks of param group ``g``'s parameters: each given once, none sharded
         by another library already, what the scheme needs of each (:meth:`_check_param`), and a
@@ -135,6 +153,25 @@ class ShardedOptimizer(torch.optim.Optimizer, metaclass=_BuildsTheScheme):
 
     def _check_param(self, param: torch.Tensor, where: str) -> None:
         """What this scheme needs of a parameter beyond torch's own checks."""
+
+    # ------------------------------------------------------------------ what shardopt's subsystems read
+    # Checkpoints, averaging and the claims on parameters read an optimizer through these (and each
+    # scheme's own, below its class docstring), never through its private attributes.
+
+    @property
+    def comm(self) -> Comm:
+        """This optimizer's collectives over its process group: rank, world size, the calls ranks make together."""
+        return self._comm
+
+    @property
+    def torch_class(self) -> type[torch.optim.Optimizer]:
+        """The torch.optim algorithm this optimizer runs."""
+        raise NotImplementedError
+
+    def check_group(self, group: dict[str, Any], g: int) -> None:
+        """Raise, before anything changes, if this optimizer cannot take ``group`` as its param group ``g``
+        (what ``add_param_group`` and every load check)."""
+        self._check_group(group, g)
 
     def memory_stats(self) -> dict[str, int]:
         """This rank's bytes, by what holds them (:data:`MEMORY_KEYS`): the parameters, the gradients,

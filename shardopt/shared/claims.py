@@ -28,7 +28,7 @@ def claim(optimizer: Any, params: list[Tensor]) -> None:
     for param in params:
         entry = _OWNERS.get(id(param))
         previous = entry[1]() if entry is not None and entry[0]() is param else None
-        if previous is not None and previous is not optimizer and previous._comm.retired is None:
+        if previous is not None and previous is not optimizer and previous.comm.retired is None:
             previous._retire(
                 f"shardopt: this {type(previous).__name__} no longer trains its {_position(previous, param)}: "
                 f"a {type(optimizer).__name__} created after it took that parameter, and a parameter is trained "

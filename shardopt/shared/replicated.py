@@ -84,7 +84,7 @@ class ReplicatedOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
         #: Steps a GradScaler skipped because the mean gradient was not finite.
         self.skipped_steps = 0
         self._prepare()
-        torch.optim.Optimizer.__init__(self, params, defaults)
+        torch.optim.Optimizer.__init__(self, self._ordered(params), defaults)
         self.state = StateView()  # each scheme keeps its part of the state elsewhere (owners, rows)
 
     def _prepare(self) -> None:
@@ -123,6 +123,10 @@ class ReplicatedOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
         # torch's own validation of the group (Muon: 2-D parameters only), without creating state.
         self._torch_class([dict(group)], **self._kwargs)
         self._check_params(group, g)
+
+    @property
+    def torch_class(self) -> type[torch.optim.Optimizer]:
+        return self._torch_class
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]

@@ -106,7 +106,7 @@ class ShardedLBFGS(OnGroup, ParamState, ShardedOptimizer):
         defaults = dict(torch.optim.LBFGS([torch.nn.Parameter(torch.zeros(1))], **keywords).defaults)
         self._comm = Comm(process_group, timeout)
         self._history: History | None = None
-        super().__init__(params, defaults)
+        super().__init__(self._ordered(params), defaults)
         #: This rank's slices of the LBFGS state (torch's names), under the first parameter as torch keeps
         #: it; ``opt.state`` stays empty.
         self.shard_state: dict[Tensor, dict[str, Any]] = defaultdict(dict)
@@ -400,17 +400,17 @@ class ShardedLBFGS(OnGroup, ParamState, ShardedOptimizer):
                     loaded[key] = [self._cast(v) for v in value]
                 else:
                     loaded[key] = self._cast(value)
-            self._restore_state(new_groups, loaded)
+            self.restore_state(new_groups, loaded)
 
-    def _gram(self) -> tuple[Tensor, Tensor] | None:
+    def gram(self) -> tuple[Tensor, Tensor] | None:
         """The history's Gram matrices S^T Y and Y^T Y (the same on every rank); None without pairs."""
         return (self._history.sy, self._history.yy) if self._history is not None and self._history.dirs else None
 
-    def _restore_state(
+    def restore_state(
         self, new_groups: list[dict[str, Any]], loaded: dict[str, Any], gram: tuple[Tensor, Tensor] | None = None
     ) -> None:
         """Collective: install checked param groups and this rank's state (its slices of the vectors,
-        zero-padded to the slice length). Without the saved ``gram`` (``_gram()``), one exchange
+        zero-padded to the slice length). Without the saved ``gram`` (``gram()``), one exchange
         rebuilds the Gram matrices of the history (equal to the saved ones to rounding only)."""
         history = None
         if loaded.get("old_dirs") is not None:
@@ -444,6 +444,17 @@ class ShardedLBFGS(OnGroup, ParamState, ShardedOptimizer):
                 "the state dict belongs to a different model"
             )
         return self._flat.cut(self._cast(value))
+
+    # ------------------------------------------------------------------ what checkpoints read
+
+    @property
+    def torch_class(self) -> type[torch.optim.Optimizer]:
+        return torch.optim.LBFGS
+
+    @property
+    def flat(self) -> FlatSlices:
+        """The parameters as one flat vector, and this rank's slice of it."""
+        return self._flat
 
     # ------------------------------------------------------------------ introspection
 
