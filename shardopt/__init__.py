@@ -15,7 +15,7 @@ from .elements.optimizer import ElementOptimizer
 from .owner.optimizer import OwnedOptimizer
 from .rows.optimizer import SparseRowOptimizer
 from .shared.base import ShardedOptimizer
-from .shared.grad_checks import clip_grad_norm_
+from .shared.reduced_grads import clip_grad_norm_
 from .slices.optimizer import ShardedLBFGS
 
 __version__ = "0.1.0"

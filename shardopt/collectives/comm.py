@@ -25,7 +25,7 @@ from .pending import Pending
 from .phases import CONSTRUCTION, TOGETHER, Phase, PhaseBoard
 from .ring import PairReduceScatter, PartsPlan, Ring
 
-__all__ = ["Comm", "OnGroup", "Pending", "as_timedelta"]
+__all__ = ["Comm", "GroupMember", "Pending", "as_timedelta"]
 
 
 def as_timedelta(timeout: float | timedelta) -> timedelta:
@@ -234,7 +234,7 @@ class Comm:
         return self._issue(dist.broadcast(tensor, src=global_src, group=self.group, async_op=True), what)
 
 
-class OnGroup:
+class GroupMember:
     """What an optimizer over a process group tells about its place in it (``self._comm``)."""
 
     _comm: Comm

@@ -114,7 +114,7 @@ def check(comm: Link, items: Iterable[Item], context: str) -> None:
 HYPER_BITS = 20
 
 
-def hyper_tail(param_groups: list[Mapping[str, Any]]) -> list[float]:
+def hyper_entries(param_groups: list[Mapping[str, Any]]) -> list[float]:
     """Per group, a short hash of its hyper-parameters and its square: summed over the ranks by the
     step's agreement all-reduce, they tell every rank alike whether all ranks hold the same values
     (the sum of squares is N times the mean square exactly when every hash is the mean)."""
@@ -124,7 +124,7 @@ def hyper_tail(param_groups: list[Mapping[str, Any]]) -> list[float]:
 
 def check_hyper(param_groups: list[Mapping[str, Any]], agreed: list[float], world_size: int, steps: int) -> None:
     """DesyncError, on every rank alike, for the first group whose hyper-parameters differ between the
-    ranks; ``agreed`` is :func:`hyper_tail` summed over the ranks."""
+    ranks; ``agreed`` is :func:`hyper_entries` summed over the ranks."""
     n = len(param_groups)
     for g in range(n):
         total, squares = agreed[g], agreed[n + g]

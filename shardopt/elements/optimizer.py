@@ -25,12 +25,12 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import algorithms
 from ..collectives import fingerprint
-from ..collectives.comm import Comm, OnGroup
+from ..collectives.comm import Comm, GroupMember
 from ..collectives.span import Span
 from ..shared import closure_loss, groups, state_format
 from ..shared.base import ShardedOptimizer
-from ..shared.grad_checks import GradChecks, on_owner
 from ..shared.options import Options
+from ..shared.reduced_grads import ReducedGradients, on_owner
 from ..shared.state_view import ParamState, StateView
 from . import refusals, sparse_grads, update
 from .buffer import ShardedBuffer
@@ -40,7 +40,7 @@ from .reducer import GradReducer
 from .state import check_loaded, gather_state, initial_entry, install_state
 
 
-class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
+class ElementOptimizer(ReducedGradients, GroupMember, ParamState, ShardedOptimizer):
     """An element-wise ``torch.optim`` algorithm whose state is sharded by element ranges of flat
     buffers across the ranks of a process group (``ShardedOptimizer(params, "adamw")`` builds one).
 
@@ -371,13 +371,13 @@ class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
         edit = groups.edited(self.param_groups, self._members)
         stale = torch.tensor([float(self._reducer.custody.stale)], dtype=torch.float64)
         edited = torch.tensor([float(edit is not None)], dtype=torch.float64)
-        hyper = torch.tensor(fingerprint.hyper_tail(self.param_groups), dtype=torch.float64)
-        tail = torch.tensor(closure_loss.tail(loss), dtype=torch.float64)
-        parts = [dense, sparse, late, stray, problems, kinds, dropped, stale, edited, hyper, tail]
+        hyper = torch.tensor(fingerprint.hyper_entries(self.param_groups), dtype=torch.float64)
+        loss_entries = torch.tensor(closure_loss.agreement_entries(loss), dtype=torch.float64)
+        parts = [dense, sparse, late, stray, problems, kinds, dropped, stale, edited, hyper, loss_entries]
         agreed = torch.cat(parts).to(self._comm.device)
         self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()").wait()
         split = agreed.cpu().split([len(part) for part in parts])
-        dense, sparse, late, stray, problems, all_kinds, dropped, stale, edited, hyper, tail = split
+        dense, sparse, late, stray, problems, all_kinds, dropped, stale, edited, hyper, loss_entries = split
         if problems.any() or not torch.equal(all_kinds, kinds * self._comm.world_size):
             refusals.refuse_change(
                 problems, all_kinds != kinds * self._comm.world_size, self._buffers, self._reducer.problems, self._name
@@ -396,7 +396,7 @@ class ElementOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
                 "was given to the optimizer; create the optimizer after unfreezing it, or add it with "
                 "add_param_group"
             )
-        loss = closure_loss.agreed(loss, tail.tolist(), self._comm.world_size)
+        loss = closure_loss.agreed(loss, loss_entries.tolist(), self._comm.world_size)
         return dense + sparse > 0, sparse > 0, (late > 0).tolist(), loss
 
     def _name(self, g: int, i: int) -> str:

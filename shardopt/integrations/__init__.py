@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..shared.grad_checks import GradChecks, owner
+from ..shared.reduced_grads import ReducedGradients, owner
 from ..slices.optimizer import ShardedLBFGS
 
 
@@ -13,4 +13,4 @@ def sharded(optimizer: object) -> torch.optim.Optimizer | None:
     """The shardopt optimizer inside the wrappers frameworks put around it (Accelerate's
     ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``), or None if there is none."""
     inner = owner(optimizer)
-    return inner if isinstance(inner, (GradChecks, ShardedLBFGS)) else None
+    return inner if isinstance(inner, (ReducedGradients, ShardedLBFGS)) else None

@@ -23,11 +23,11 @@ from .. import algorithms
 from ..collectives import fingerprint, packed
 from ..shared import groups, state_format, torch_state
 from ..shared.base import dense_bytes
-from ..shared.replicated import Reduced, ReplicatedOptimizer
+from ..shared.whole_gradients import Reduced, WholeGradientOptimizer
 from .assign import assign_owners, update_cost
 
 
-class OwnedOptimizer(ReplicatedOptimizer):
+class OwnedOptimizer(WholeGradientOptimizer):
     """``torch.optim.Adafactor`` or ``torch.optim.Muon`` with each parameter's state on one owner rank.
 
     Args:

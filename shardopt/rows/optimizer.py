@@ -27,15 +27,15 @@ from torch.optim.optimizer import _to_scalar
 from ..collectives import fingerprint, sparse_exchange
 from ..shared import groups, state_format, torch_state
 from ..shared.base import dense_bytes
-from ..shared.replicated import Reduced, ReplicatedOptimizer
 from ..shared.rows import entries_in, row_ranges, touched_rows
+from ..shared.whole_gradients import Reduced, WholeGradientOptimizer
 
 # torch.optim.SparseAdam's own message (torch/optim/sparse_adam.py), so users' handling still works.
 DENSE_GRADIENT_ERROR = "SparseAdam does not support dense gradients, please consider Adam instead"
 STATE_NAMES = ("exp_avg", "exp_avg_sq")
 
 
-class SparseRowOptimizer(ReplicatedOptimizer):
+class SparseRowOptimizer(WholeGradientOptimizer):
     """``torch.optim.SparseAdam`` with each parameter's state split by rows (dim 0) across the ranks.
 
     Args:

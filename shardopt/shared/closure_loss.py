@@ -1,7 +1,7 @@
 """The loss a ``step(closure)`` returns, agreed by every rank: the mean over ranks, or one error.
 
 A rank's closure returns its own loss; the step's agreement all-reduces three numbers per rank
-(:func:`tail`), so that every rank raises the same error for a loss that is missing on some
+(:func:`agreement_entries`), so that every rank raises the same error for a loss that is missing on some
 ranks or is not a number, and otherwise returns the same mean (:func:`agreed`).
 """
 
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 
-def tail(loss: Any) -> list[float]:
+def agreement_entries(loss: Any) -> list[float]:
     """This rank's part of the agreement: [returned a loss, its value, it is not a number]."""
     if loss is None:
         return [0.0, 0.0, 0.0]
@@ -24,11 +24,11 @@ def tail(loss: Any) -> list[float]:
 
 
 def agreed(loss: Any, summed: list[float], world: int) -> Any:
-    """The loss step() returns, from ``summed`` (the ranks' :func:`tail` summed): the mean over
+    """The loss step() returns, from ``summed`` (the ranks' :func:`agreement_entries` summed): the mean over
     ranks, as a tensor where the closure returned one; the same error on every rank otherwise."""
     has_loss, total, not_numbers = summed
     if not_numbers:
-        mine = f" (this rank's: {_describe(loss)})" if tail(loss)[2] else ""
+        mine = f" (this rank's: {_describe(loss)})" if agreement_entries(loss)[2] else ""
         raise TypeError(
             f"the closure returned a loss that is not a number on {int(not_numbers)} of {world} ranks{mine}; "
             "return the loss: a Python number or a one-element tensor"

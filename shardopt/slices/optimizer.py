@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.optim.optimizer import _to_scalar
 
 from ..collectives import fingerprint, packed
-from ..collectives.comm import Comm, OnGroup
+from ..collectives.comm import Comm, GroupMember
 from ..shared import groups, state_format
 from ..shared.base import ShardedOptimizer, dense_bytes
 from ..shared.state_view import ParamState, StateView
@@ -57,7 +57,7 @@ class Gradient(NamedTuple):
     abs_sum: Tensor
 
 
-class ShardedLBFGS(OnGroup, ParamState, ShardedOptimizer):
+class ShardedLBFGS(GroupMember, ParamState, ShardedOptimizer):
     """``torch.optim.LBFGS`` with its state sharded: each rank keeps 1/N of every history vector.
 
     Args:

@@ -3,7 +3,7 @@
 
 Every coordinator holds its reduced gradient its own way (``ElementOptimizer``: element shards;
 ``OwnedOptimizer``: the full mean gradient in every ``p.grad``; ``SparseRowOptimizer``: the values
-of its rows' sparse gradients). ``GradChecks`` asks it for those tensors and runs the same
+of its rows' sparse gradients). ``ReducedGradients`` asks it for those tensors and runs the same
 collectives on all of them: one all-reduce for the norm, one MAX all-reduce for inf/NaN.
 """
 
@@ -56,7 +56,7 @@ def on_owner(method: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-class GradChecks:
+class ReducedGradients:
     """Mixin of the coordinators: ``clip_grad_norm_`` and what ``shardopt.GradScaler`` asks of them.
 
     A coordinator provides ``_reduce(loss)`` (the first half of its step: the reduced gradients),
@@ -213,7 +213,7 @@ class GradChecks:
 
 
 def clip_grad_norm_(
-    optimizers: GradChecks | Iterable[GradChecks],
+    optimizers: ReducedGradients | Iterable[ReducedGradients],
     max_norm: float,
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
@@ -227,11 +227,11 @@ def clip_grad_norm_(
     its per-device norms, and every optimizer's gradients are scaled by ``max_norm / (norm + 1e-6)``
     where that is below 1. Returns the joint norm, in the first optimizer's dtype and device.
     """
-    optimizers = [owner(o) for o in ([optimizers] if isinstance(optimizers, GradChecks) else list(optimizers))]
+    optimizers = [owner(o) for o in ([optimizers] if isinstance(optimizers, ReducedGradients) else list(optimizers))]
     if not optimizers:
         raise ValueError("optimizers is empty: pass the shardopt optimizers whose gradients to clip")
     for index, optimizer in enumerate(optimizers):
-        if not isinstance(optimizer, GradChecks):
+        if not isinstance(optimizer, ReducedGradients):
             raise TypeError(
                 f"optimizers[{index}] is a {type(optimizer).__name__}: clip_grad_norm_ clips shardopt optimizers' "
                 "reduced gradients (not LBFGS, whose step re-evaluates the closure); clip a torch.optim "

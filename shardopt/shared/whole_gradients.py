@@ -1,11 +1,11 @@
-"""``ReplicatedOptimizer``: what the coordinators that keep every parameter whole on every rank share.
+"""``WholeGradientOptimizer``: what the coordinators that keep every parameter whole on every rank share.
 
 ``OwnedOptimizer`` (Adafactor, Muon: state by whole tensors) and ``SparseRowOptimizer``
 (SparseAdam: state by rows) split only the optimizer state; parameters stay whole and
 replicated, as under DDP. They share construction (torch's keyword validation, the check that
 every rank builds alike, the broadcast of the initial parameters), the groups' checks, and the
 sequence of a step: closure, agreement, reduction (which ``clip_grad_norm_`` and a GradScaler
-may run ahead of ``step()``: ``GradChecks``), then the subclass's update.
+may run ahead of ``step()``: ``ReducedGradients``), then the subclass's update.
 
 A subclass whose reduced gradients are the whole mean in ``p.grad`` (``REDUCES_IN_BACKWARD``)
 reduces at the end of each backward, as DDP does, so code between backward and step (torch's
@@ -26,14 +26,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..collectives import fingerprint, packed
-from ..collectives.comm import Comm, OnGroup
+from ..collectives.comm import Comm, GroupMember
 from ..collectives.phases import BACKWARD, DDP_FORWARD
 from . import closure_loss, groups
 from .backward_hooks import BackwardHooks
 from .base import ShardedOptimizer
 from .ddp_watch import DDPWatch
-from .grad_checks import GradChecks, on_owner
 from .options import Options
+from .reduced_grads import ReducedGradients, on_owner
 from .state_view import ParamState, StateView
 
 OUR_KEYWORDS = ("process_group", "grad_reduction", "timeout")
@@ -48,7 +48,7 @@ class Reduced:
     loss: Any  # the closure's loss, averaged over the ranks
 
 
-class ReplicatedOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
+class WholeGradientOptimizer(ReducedGradients, GroupMember, ParamState, ShardedOptimizer):
     """Base class: subclasses place each new group's parameters (:meth:`_place`), reduce their
     gradients (:meth:`_reduce_grads`) and update them (:meth:`_apply`)."""
 
@@ -212,8 +212,8 @@ class ReplicatedOptimizer(GradChecks, OnGroup, ParamState, ShardedOptimizer):
         flags = [float(p.grad is not None) for p in params]
         wrong = [float(p.grad is not None and self._wrong_gradient(p.grad)) for p in params]
         edit = groups.edited(self.param_groups, self._members)
-        hyper = fingerprint.hyper_tail(self.param_groups)
-        local = [float(edit is not None), *hyper, *flags, *wrong, *closure_loss.tail(loss)]
+        hyper = fingerprint.hyper_entries(self.param_groups)
+        local = [float(edit is not None), *hyper, *flags, *wrong, *closure_loss.agreement_entries(loss)]
         agreed = torch.tensor(local, dtype=torch.float64, device=self._comm.device)
         self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()").wait()
         agreed = agreed.cpu()
