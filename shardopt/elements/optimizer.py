@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -208,40 +208,23 @@ class ElementOptimizer(ReducedGradients, GroupMember, ParamState, ShardedOptimiz
 
     # ------------------------------------------------------------------ step
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One optimizer step on every rank; returns the closure's loss averaged over ranks."""
-        loss = None
-        if closure is not None:
-            self._refuse_closure_after_reduction(closure)
-            with torch.enable_grad():
-                loss = closure()
-        self._comm.enter("step()", step=True)
+    def _verify(self) -> None:
         if self._options.verify_every and self._comm.steps % self._options.verify_every == 0:
             self._comm.agree()
             fingerprint.check(self._comm, self._items(), f"step() call {self._comm.steps} (verify_every)")
-        with torch.no_grad():
-            try:
-                reduced = self._reduced or self._reduce(loss)
-                if self._skips(reduced):
-                    self.skipped_steps += 1
-                    return reduced.loss
-                updated = []
-                offset = 0
-                for index, (buffer, grad_shard) in enumerate(zip(self._buffers, reduced.grad_shards)):
-                    present = reduced.has_grad[offset : offset + len(buffer.params)]
-                    offset += len(buffer.params)
-                    if present.any():
-                        updated.append((index, grad_shard, present))
-                # A few buckets at a time: each needs a staging buffer until its all-gather is written back.
-                for start in range(0, len(updated), UPDATE_BATCH):
-                    self._update(updated[start : start + UPDATE_BATCH])
-                self._gathers.issued_all()
-            finally:
-                self._reduced = None
-                self._scaler_checked = False
-                self._reducer.reset()
-                self._comm.leave()
-        return reduced.loss
+
+    def _apply(self, reduced: update.Reduced) -> None:
+        updated = []
+        offset = 0
+        for index, (buffer, grad_shard) in enumerate(zip(self._buffers, reduced.grad_shards)):
+            present = reduced.has_grad[offset : offset + len(buffer.params)]
+            offset += len(buffer.params)
+            if present.any():
+                updated.append((index, grad_shard, present))
+        # A few buffers at a time: each needs a staging buffer until its all-gather is written back.
+        for start in range(0, len(updated), UPDATE_BATCH):
+            self._update(updated[start : start + UPDATE_BATCH])
+        self._gathers.issued_all()
 
     def _update(self, batch: list[tuple[int, Tensor, Tensor]]) -> None:
         """Update this rank's shard of each buffer of ``batch`` (its index, gradient shard, which parameters
@@ -444,9 +427,7 @@ class ElementOptimizer(ReducedGradients, GroupMember, ParamState, ShardedOptimiz
         for g, group in enumerate(new_groups):
             self._check_group(group, g)
             check_loaded(group, g, states, masters, self._algorithm)
-        # Ranks loading different dicts would install a mix; they get one error instead.
-        items = fingerprint.loaded_items(new_groups, states, groups.describe)
-        fingerprint.check(self._comm, items, "load_state_dict (every rank must load the same state dict)")
+        self._agree_on_loaded(new_groups, states)
         self.param_groups[:] = new_groups
         install_state(self._buffers, new_groups, states, masters, self._algorithm)
 

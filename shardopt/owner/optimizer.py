@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import algorithms
-from ..collectives import fingerprint, packed
+from ..collectives import packed
 from ..shared import groups, state_format, torch_state
 from ..shared.base import dense_bytes
 from ..shared.whole_gradients import Reduced, WholeGradientOptimizer
@@ -143,9 +143,7 @@ class OwnedOptimizer(WholeGradientOptimizer):
         optimizer as it was.
         """
         with self._comm.call("load_state_dict()", agree=True):
-            new_groups, states, _ = state_format.unpack(state_dict, self.param_groups, self.defaults)
-            items = fingerprint.loaded_items(new_groups, states, groups.describe)
-            fingerprint.check(self._comm, items, "load_state_dict (every rank must load the same state dict)")
+            new_groups, states, _ = self._unpacked(state_dict)
         name = self._torch_class.__name__
         templates = {}
         for g, group in enumerate(new_groups):

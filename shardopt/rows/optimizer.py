@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim import _functional
 from torch.optim.optimizer import _to_scalar
 
-from ..collectives import fingerprint, sparse_exchange
+from ..collectives import sparse_exchange
 from ..shared import groups, state_format, torch_state
 from ..shared.base import dense_bytes
 from ..shared.rows import entries_in, row_ranges, touched_rows
@@ -192,9 +192,7 @@ class SparseRowOptimizer(WholeGradientOptimizer):
         raises ValueError naming the first mismatch and leaves this optimizer as it was.
         """
         with self._comm.call("load_state_dict()", agree=True):
-            new_groups, states, _ = state_format.unpack(state_dict, self.param_groups, self.defaults)
-            items = fingerprint.loaded_items(new_groups, states, groups.describe)
-            fingerprint.check(self._comm, items, "load_state_dict (every rank must load the same state dict)")
+            new_groups, states, _ = self._unpacked(state_dict)
         for g, group in enumerate(new_groups):
             for i, param in enumerate(group["params"]):
                 if param in states:

@@ -20,7 +20,7 @@ from .. import algorithms
 from ..collectives import fingerprint
 from ..collectives.comm import Comm
 from ..collectives.fingerprint import Item
-from . import claims, groups
+from . import claims, groups, state_format
 
 #: What :meth:`ShardedOptimizer.memory_stats` reports, for every scheme (0 where a scheme has none).
 MEMORY_KEYS = ("param_bytes", "grad_bytes", "staging_bytes", "master_bytes", "state_bytes")
@@ -114,6 +114,18 @@ class ShardedOptimizer(torch.optim.Optimizer, metaclass=_BuildsTheScheme):
     def _lay_out(self, group: dict[str, Any], g: int) -> None:
         """Collective: shard param group ``g`` over the ranks, each starting from rank 0's values."""
         raise NotImplementedError
+
+    def _unpacked(self, state_dict: Any) -> tuple[list[dict[str, Any]], dict[Any, Any], dict[Any, Any]]:
+        """Collective, inside a load's call: the param groups, state and master weights that ``state_dict``
+        (torch.optim's format) holds for this optimizer, once every rank is found to load the same one."""
+        new_groups, states, masters = state_format.unpack(state_dict, self.param_groups, self.defaults)
+        self._agree_on_loaded(new_groups, states)
+        return new_groups, states, masters
+
+    def _agree_on_loaded(self, new_groups: list[dict[str, Any]], states: dict[Any, Any]) -> None:
+        """Collective: ranks loading different dicts would install a mix; they get one error instead."""
+        items = fingerprint.loaded_items(new_groups, states, groups.describe)
+        fingerprint.check(self._comm, items, "load_state_dict (every rank must load the same state dict)")
 
     @staticmethod
     def _ordered(params: Any) -> list[Any]:

@@ -59,8 +59,9 @@ def on_owner(method: Callable[..., T]) -> Callable[..., T]:
 class ReducedGradients:
     """Mixin of the coordinators: ``clip_grad_norm_`` and what ``shardopt.GradScaler`` asks of them.
 
+    It runs the step every scheme with a reduction shares (closure, reduction, agreed skip, update).
     A coordinator provides ``_reduce(loss)`` (the first half of its step: the reduced gradients),
-    ``_forget_reduced()``, and which tensors hold the reduced gradient on this rank
+    ``_apply(reduced)`` (the second), ``_forget_reduced()``, and which tensors hold the reduced gradient on this rank
     (``_grad_tensors``: all of them; ``_norm_tensors``: a part of them that, over the ranks,
     covers every element once). It keeps ``self._reduced`` (set until the step that follows) and
     ``self._scaler_checked``, and clears both at the end of every step.
@@ -69,6 +70,8 @@ class ReducedGradients:
     _comm: Comm
     _reduced: Any
     _scaler_checked: bool
+    skipped_steps: int
+    _in_closure = False  # step() runs the closure: a backward inside it is reduced by the step
 
     #: torch.amp.GradScaler hands ``grad_scale`` and ``found_inf`` to step() rather than skipping
     #: it itself, so that every rank decides alike (see :class:`shardopt.GradScaler`).
@@ -112,6 +115,47 @@ class ReducedGradients:
     def _refuse_closure_after_reduction(self, closure: Any) -> None:
         if closure is not None and self._reduced is not None:
             raise RuntimeError(CLOSURE_AFTER_REDUCTION)
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step on every rank: the closure (if any), the reduction (unless
+        ``clip_grad_norm_`` or a GradScaler ran it ahead), then the update, unless the step is
+        skipped alike on every rank. Returns the closure's loss averaged over ranks."""
+        self._refuse_closure_after_reduction(closure)
+        loss = None
+        if closure is not None:
+            self._in_closure = True
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            finally:
+                self._in_closure = False
+        self._comm.enter("step()", step=True)
+        try:
+            self._verify()
+            with torch.no_grad():
+                reduced = self._reduced or self._reduce(loss)
+                if self._skips(reduced):
+                    self.skipped_steps += 1
+                else:
+                    self._apply(reduced)
+        finally:
+            self._forget_reduced()
+            self._scaler_checked = False
+            self._comm.leave()
+        return reduced.loss
+
+    def _verify(self) -> None:
+        """Checks a scheme makes at the start of some steps, inside the step's call."""
+
+    def _skips(self, reduced: Any) -> bool:
+        """Whether this step is skipped, the same on every rank; unscales what a GradScaler scaled."""
+        return bool(self._scaler_skips(reduced))
+
+    def _apply(self, reduced: Any) -> None:
+        """Collective: the update of the parameters from the reduced gradients, on every rank."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ clipping
 

@@ -16,7 +16,7 @@ parameters, ``ddp_watch.py``) backward's gradients are taken as DDP leaves them,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -76,7 +76,6 @@ class WholeGradientOptimizer(ReducedGradients, GroupMember, ParamState, ShardedO
         self._reduced: Reduced | None = None  # set by clip_grad_norm_ or a GradScaler until the step that follows
         self._scaler_checked = False  # shardopt.GradScaler looked at this step's gradients
         self._by_ddp = False  # a backward since the last step was reduced by DDP: its p.grad is final
-        self._in_closure = False  # step() runs the closure: its backward is reduced by the step
         self._from_backward: Reduced | None = None  # reduced at the end of backward, for what comes next
         comm = self._comm
         self._watch = DDPWatch(lambda: comm.mark(DDP_FORWARD))
@@ -133,31 +132,6 @@ class WholeGradientOptimizer(ReducedGradients, GroupMember, ParamState, ShardedO
 
     # ------------------------------------------------------------------ step
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One optimizer step on every rank; returns the closure's loss averaged over ranks."""
-        self._refuse_closure_after_reduction(closure)
-        loss = None
-        if closure is not None:
-            self._in_closure = True
-            try:
-                with torch.enable_grad():
-                    loss = closure()
-            finally:
-                self._in_closure = False
-        self._comm.enter("step()", step=True)
-        try:
-            reduced = self._reduced or self._reduce(loss)
-            with torch.no_grad():
-                if self._scaler_skips(reduced):
-                    self.skipped_steps += 1
-                else:
-                    self._apply(reduced)
-        finally:
-            self._forget_reduced()
-            self._scaler_checked = False
-            self._comm.leave()
-        return reduced.loss
-
     def _backward_ended(self) -> None:
         """A backward that gave some of our parameters a gradient has ended: reduce now, as DDP would
         have (the first half of step(), kept for it), unless DDP did or step()'s closure runs it."""
@@ -173,10 +147,6 @@ class WholeGradientOptimizer(ReducedGradients, GroupMember, ParamState, ShardedO
 
     def _reduce_grads(self, present: list[Tensor]) -> Any:
         """Collective: reduce the gradients of ``present``; returns what :attr:`Reduced.grads` keeps."""
-        raise NotImplementedError
-
-    def _apply(self, reduced: Reduced) -> None:
-        """Collective: the update of the parameters from their reduced gradients, on every rank."""
         raise NotImplementedError
 
     def _reduce(self, loss: Any) -> Reduced:

@@ -31,7 +31,7 @@ from torch.optim.optimizer import _to_scalar
 
 from ..collectives import fingerprint, packed
 from ..collectives.comm import Comm, GroupMember
-from ..shared import groups, state_format
+from ..shared import state_format
 from ..shared.base import ShardedOptimizer, dense_bytes
 from ..shared.state_view import ParamState, StateView
 from .flat import FlatSlices
@@ -386,9 +386,7 @@ class ShardedLBFGS(GroupMember, ParamState, ShardedOptimizer):
         A dict for another model raises ValueError and leaves this optimizer as it was.
         """
         with self._comm.call("load_state_dict()", agree=True):
-            new_groups, states, _ = state_format.unpack(state_dict, self.param_groups, self.defaults)
-            items = fingerprint.loaded_items(new_groups, states, groups.describe)
-            fingerprint.check(self._comm, items, "load_state_dict (every rank must load the same state dict)")
+            new_groups, states, _ = self._unpacked(state_dict)
             entry = states.get(self._params[0]) if self._params else None
             loaded: dict[str, Any] = {}
             for key, value in (entry or {}).items():
