@@ -128,7 +128,7 @@ def test_a_parts_plan_carries_every_covered_element_of_each_chunk_once(
 ) -> None:
     spans = _spans(bounds)
     numel = world_size * -(-max(end for _, end in bounds) // world_size)
-    plan = ring.parts_plan(spans, numel, world_size, 4, piece_bytes)
+    plan = ring.held_plan(spans, numel, world_size, 4, piece_bytes)
     chunk = numel // world_size
     assert len(plan.messages) == len(plan.uncovered) == world_size
     for index in range(world_size):
@@ -152,12 +152,12 @@ def pair_reduce_scatters(bounds: list[tuple[int, int]], piece_bytes: int) -> dic
     """Three reduce-scatters of parts in flight at once; each shard starts as NaN (the gaps must end as zeros)."""
     comm = Comm(None, timeout=60)
     spans, numel = _spans(bounds), 2 * -(-max(end for _, end in bounds) // 2)
-    plan = ring.parts_plan(spans, numel, 2, 4, piece_bytes)
+    plan = ring.held_plan(spans, numel, 2, 4, piece_bytes)
     generator = torch.Generator().manual_seed(comm.rank)
     parts = [[torch.randn(span.size, generator=generator) for span in spans] for _ in range(3)]
     before = [[part.clone() for part in each] for each in parts]
     shards = [torch.full((numel // 2,), float("nan")) for _ in parts]
-    pending = [comm.reduce_scatter_parts(shard, each, plan, "test") for shard, each in zip(shards, parts)]
+    pending = [comm.reduce_scatter_held(shard, each, plan, "test") for shard, each in zip(shards, parts)]
     for each in pending:
         each.wait()
     for each, kept in zip(parts, before):

@@ -23,7 +23,7 @@ from . import fingerprint
 from .own_group import own_group
 from .pending import Pending
 from .phases import CONSTRUCTION, TOGETHER, Phase, PhaseBoard
-from .ring import PairReduceScatter, PartsPlan, Ring
+from .ring import HeldPlan, PairReduceScatter, Ring
 
 __all__ = ["Comm", "GroupMember", "Pending", "as_timedelta"]
 
@@ -203,14 +203,15 @@ class Comm:
         return self._issue(dist.reduce_scatter_single(shard, full, group=self.group, async_op=True), what)
 
     @property
-    def reduces_parts(self) -> bool:
-        """Whether :meth:`reduce_scatter_parts` can be called: gloo between two ranks, where the
+    def reduces_held(self) -> bool:
+        """Whether :meth:`reduce_scatter_held` can be called: gloo between two ranks, where the
         reduce-scatter only reads each rank's own data (ring.py)."""
         return self._rings and self.world_size == 2
 
-    def reduce_scatter_parts(self, shard: Tensor, parts: Sequence[Tensor], plan: PartsPlan, what: str) -> Pending:
-        """:meth:`reduce_scatter` of the flat buffer ``plan`` describes, given as its parts (1-D tensors,
-        one per span the plan was made of, read where they lie); only where :attr:`reduces_parts`."""
+    def reduce_scatter_held(self, shard: Tensor, parts: Sequence[Tensor], plan: HeldPlan, what: str) -> Pending:
+        """:meth:`reduce_scatter` of the flat buffer ``plan`` describes, given as the tensors it holds
+        (``parts``: 1-D, one per span the plan was made of, read where they lie); only where
+        :attr:`reduces_held`."""
         return PairReduceScatter(self, shard, parts, plan, what)
 
     def all_gather(self, full: Tensor, shard: Tensor, what: str) -> Pending:

@@ -14,10 +14,10 @@ rank's chunk and adds the received one to this rank's), so :class:`PairReduceSca
 where it lies, as separate tensors (the parameters' gradients, as autograd left them): the
 gradients are not first copied into one flat buffer, a pass over every gradient each step.
 Its messages follow the tensors' spans, the same on both ranks
-whatever each holds (:func:`parts_plan`).
+whatever each holds (:func:`held_plan`).
 
 The chunk and message arithmetic is pure (:func:`reduce_scatter_chunks`, :func:`all_gather_chunks`,
-:func:`pieces`, :func:`parts_plan`) and tested without processes.
+:func:`pieces`, :func:`held_plan`) and tested without processes.
 """
 
 from __future__ import annotations
@@ -90,19 +90,19 @@ class Message:
 
 
 @dataclass(frozen=True)
-class PartsPlan:
+class HeldPlan:
     """The messages of a reduce-scatter of a flat buffer of ``numel`` elements whose span ``spans[i]``
-    holds part ``i`` (zeros elsewhere), among ``len(messages)`` ranks: per chunk, the messages that
-    carry it and the ranges of it no part covers (slices of the chunk)."""
+    is held tensor ``i`` (zeros elsewhere: gradients read where they lie), among ``len(messages)``
+    ranks: per chunk, the messages that carry it and the ranges of it no held tensor covers."""
 
     messages: tuple[tuple[Message, ...], ...]
     uncovered: tuple[tuple[slice, ...], ...]
 
 
-def parts_plan(
+def held_plan(
     spans: Sequence[Span], numel: int, world_size: int, itemsize: int, piece_bytes: int = PIECE_BYTES
-) -> PartsPlan:
-    """The :class:`PartsPlan` of ``spans`` (in order, not overlapping) in a buffer of ``numel`` elements
+) -> HeldPlan:
+    """The :class:`HeldPlan` of ``spans`` (in order, not overlapping) in a buffer of ``numel`` elements
     (a multiple of ``world_size``) of ``itemsize`` bytes, each message at most about ``piece_bytes``."""
     chunk = numel // world_size
     messages: list[tuple[Message, ...]] = []
@@ -125,7 +125,7 @@ def parts_plan(
             gaps.append(slice(covered - window_start, chunk))
         messages.append(tuple(found))
         uncovered.append(tuple(gaps))
-    return PartsPlan(tuple(messages), tuple(uncovered))
+    return HeldPlan(tuple(messages), tuple(uncovered))
 
 
 class PairReduceScatter(Pending):
@@ -133,7 +133,7 @@ class PairReduceScatter(Pending):
     each rank's part ``i`` of it in ``parts[i]`` (1-D, as long as the plan's span ``i``); ``wait()``
     leaves the sum of this rank's chunk in ``shard``. ``parts`` are read, never written."""
 
-    def __init__(self, comm: Link, shard: Tensor, parts: Sequence[Tensor], plan: PartsPlan, what: str) -> None:
+    def __init__(self, comm: Link, shard: Tensor, parts: Sequence[Tensor], plan: HeldPlan, what: str) -> None:
         super().__init__(comm, None, what)
         rank, group = comm.rank, comm.group
         peer = dist.get_global_rank(group, 1 - rank)

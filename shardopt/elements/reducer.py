@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..collectives.comm import Comm, Pending
 from ..collectives.phases import BACKWARD, DDP_FORWARD
-from ..collectives.ring import PartsPlan, parts_plan
+from ..collectives.ring import HeldPlan, held_plan
 from ..collectives.span import Span
 from ..shared.backward_hooks import BackwardHooks
 from ..shared.ddp_watch import DDPWatch
@@ -54,8 +54,8 @@ class GradReducer:
         self._mean = grad_reduction == "mean"
         self._buffers: list[ShardedBuffer] = []
         self._windows: list[Window] = []
-        self._parts = stage == 2 and self._reduce and comm.reduces_parts
-        self._plans: list[PartsPlan | None] = []
+        self._parts = stage == 2 and self._reduce and comm.reduces_held
+        self._plans: list[HeldPlan | None] = []
         self._next = 0  # position in the launch order of the next buffer to launch
         self._pool = StagingPool()
         self._in_flight: deque[Round] = deque()
@@ -100,12 +100,12 @@ class GradReducer:
             window.held = [None] * window.size
         return window
 
-    def _plan(self, index: int) -> PartsPlan:
-        """Buffer ``index``'s messages in :meth:`Comm.reduce_scatter_parts`, made once."""
+    def _plan(self, index: int) -> HeldPlan:
+        """Buffer ``index``'s messages in :meth:`Comm.reduce_scatter_held`, made once."""
         if self._plans[index] is None:
             buffer = self._buffers[index]
             spans = [slot.span for slot in buffer.layout.slots]
-            self._plans[index] = parts_plan(
+            self._plans[index] = held_plan(
                 spans, buffer.layout.numel, self._comm.world_size, buffer.grad_dtype.itemsize
             )
         return self._plans[index]
@@ -328,7 +328,7 @@ class GradReducer:
             held, window.held = window.held, [None] * window.size
             if self._known.ranges[index] is None and reduce:
                 window.launched = True
-                self._launch_parts(index, held, torch.empty_like(grad_shard) if accumulate else grad_shard, accumulate)
+                self._launch_held(index, held, torch.empty_like(grad_shard) if accumulate else grad_shard, accumulate)
                 return
             self._stage_held(index, held)  # the ranges' all-reduce wants one flat buffer
         staging, window.staging = self._staging(index), None
@@ -348,7 +348,7 @@ class GradReducer:
         window.rounds.append(round_)
         self._in_flight.append(round_)
 
-    def _launch_parts(self, index: int, held: list[Tensor | None], into: Tensor, accumulate: bool) -> None:
+    def _launch_held(self, index: int, held: list[Tensor | None], into: Tensor, accumulate: bool) -> None:
         """Issue buffer ``index``'s reduce-scatter from the gradients ``held`` where they lie (zeros for
         a parameter without one), once fewer than ``MAX_STAGING`` reductions are in flight."""
         buffer = self._buffers[index]
@@ -358,7 +358,7 @@ class GradReducer:
         ]
         while len(self._in_flight) >= MAX_STAGING:
             self._finish(self._in_flight.popleft())
-        pending = self._comm.reduce_scatter_parts(into, parts, self._plan(index), "the gradient reduce-scatter")
+        pending = self._comm.reduce_scatter_held(into, parts, self._plan(index), "the gradient reduce-scatter")
         round_ = Round(buffer, pending, None, into, accumulate)
         self._windows[index].rounds.append(round_)
         self._in_flight.append(round_)
