@@ -351,23 +351,13 @@ class ElementOptimizer(ReducedGradients, GroupMember, ParamState, ShardedOptimiz
         problems = torch.tensor([float(p is not None) for p in self._reducer.problems], dtype=torch.float64)
         kinds = torch.tensor([refusals.kind_of(buffer) for buffer in self._buffers], dtype=torch.float64)
         dropped = self._reducer.custody.dropped_flags()
-        edit = groups.edited(self.param_groups, self._members)
         stale = torch.tensor([float(self._reducer.custody.stale)], dtype=torch.float64)
-        edited = torch.tensor([float(edit is not None)], dtype=torch.float64)
-        hyper = torch.tensor(fingerprint.hyper_entries(self.param_groups), dtype=torch.float64)
-        loss_entries = torch.tensor(closure_loss.agreement_entries(loss), dtype=torch.float64)
-        parts = [dense, sparse, late, stray, problems, kinds, dropped, stale, edited, hyper, loss_entries]
-        agreed = torch.cat(parts).to(self._comm.device)
-        self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()").wait()
-        split = agreed.cpu().split([len(part) for part in parts])
-        dense, sparse, late, stray, problems, all_kinds, dropped, stale, edited, hyper, loss_entries = split
+        own = [dense, sparse, late, stray, problems, kinds, dropped, stale]
+        (dense, sparse, late, stray, problems, all_kinds, dropped, stale), loss_entries = self._agreement(loss, own)
         if problems.any() or not torch.equal(all_kinds, kinds * self._comm.world_size):
             refusals.refuse_change(
                 problems, all_kinds != kinds * self._comm.world_size, self._buffers, self._reducer.problems, self._name
             )
-        if edited.item():
-            raise RuntimeError(groups.EDITED.format(what=edit or "on other ranks", ranks=int(edited.item())))
-        fingerprint.check_hyper(self.param_groups, hyper.tolist(), self._comm.world_size, self._comm.steps)
         refusals.refuse_custody(dropped, int(stale.item()), self._comm.world_size, self._locate)
         known = self._reducer.known_sparse()
         if sparse.any() or known is not None:
@@ -379,7 +369,7 @@ class ElementOptimizer(ReducedGradients, GroupMember, ParamState, ShardedOptimiz
                 "was given to the optimizer; create the optimizer after unfreezing it, or add it with "
                 "add_param_group"
             )
-        loss = closure_loss.agreed(loss, loss_entries.tolist(), self._comm.world_size)
+        loss = closure_loss.agreed(loss, loss_entries, self._comm.world_size)
         return dense + sparse > 0, sparse > 0, (late > 0).tolist(), loss
 
     def _name(self, g: int, i: int) -> str:

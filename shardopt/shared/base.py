@@ -20,7 +20,7 @@ from .. import algorithms
 from ..collectives import fingerprint
 from ..collectives.comm import Comm
 from ..collectives.fingerprint import Item
-from . import claims, groups, state_format
+from . import claims, closure_loss, groups, state_format
 
 #: What :meth:`ShardedOptimizer.memory_stats` reports, for every scheme (0 where a scheme has none).
 MEMORY_KEYS = ("param_bytes", "grad_bytes", "staging_bytes", "master_bytes", "state_bytes")
@@ -114,6 +114,25 @@ class ShardedOptimizer(torch.optim.Optimizer, metaclass=_BuildsTheScheme):
     def _lay_out(self, group: dict[str, Any], g: int) -> None:
         """Collective: shard param group ``g`` over the ranks, each starting from rank 0's values."""
         raise NotImplementedError
+
+    def _agreement(self, loss: Any, own: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[float]]:
+        """Collective: the one all-reduce at the start of a step. Before: each rank knows its own
+        param groups, closure loss and ``own`` flags (float64 vectors the scheme sums over ranks).
+        After: every rank has raised the same error for a group edited by hand or hyper-parameters
+        that differ between ranks, or holds the summed ``own`` and the loss's summed entries
+        (:func:`closure_loss.agreed` makes them the loss step() returns)."""
+        edit = groups.edited(self.param_groups, self._members)
+        hyper = fingerprint.hyper_entries(self.param_groups)
+        common = [float(edit is not None), *hyper, *closure_loss.agreement_entries(loss)]
+        parts = [torch.tensor(common, dtype=torch.float64), *own]
+        agreed = torch.cat(parts).to(self._comm.device)
+        self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()").wait()
+        summed, *own = agreed.cpu().split([len(part) for part in parts])
+        if summed[0]:
+            raise RuntimeError(groups.EDITED.format(what=edit or "on other ranks", ranks=int(summed[0])))
+        hyper_summed = summed[1 : 1 + len(hyper)].tolist()
+        fingerprint.check_hyper(self.param_groups, hyper_summed, self._comm.world_size, self._comm.steps)
+        return own, summed[1 + len(hyper) :].tolist()
 
     def _unpacked(self, state_dict: Any) -> tuple[list[dict[str, Any]], dict[Any, Any], dict[Any, Any]]:
         """Collective, inside a load's call: the param groups, state and master weights that ``state_dict``

@@ -179,23 +179,13 @@ class WholeGradientOptimizer(ReducedGradients, GroupMember, ParamState, ShardedO
         """One all-reduce that tells every rank the same parameters with a gradient on some rank,
         the same error, and the mean loss."""
         params = self._params()
-        flags = [float(p.grad is not None) for p in params]
-        wrong = [float(p.grad is not None and self._wrong_gradient(p.grad)) for p in params]
-        edit = groups.edited(self.param_groups, self._members)
-        hyper = fingerprint.hyper_entries(self.param_groups)
-        local = [float(edit is not None), *hyper, *flags, *wrong, *closure_loss.agreement_entries(loss)]
-        agreed = torch.tensor(local, dtype=torch.float64, device=self._comm.device)
-        self._comm.all_reduce_(agreed, "the agreement on gradients and loss at the start of step()").wait()
-        agreed = agreed.cpu()
-        edited, hyper, agreed = int(agreed[0]), agreed[1 : 1 + len(hyper)].tolist(), agreed[1 + len(hyper) :]
-        if edited:
-            raise RuntimeError(groups.EDITED.format(what=edit or "on other ranks", ranks=edited))
-        fingerprint.check_hyper(self.param_groups, hyper, self._comm.world_size, self._comm.steps)
-        n, world = len(params), self._comm.world_size
-        if agreed[n : 2 * n].any():
-            raise RuntimeError(self._gradient_error(self._locate(int(agreed[n : 2 * n].nonzero()[0]))))
-        loss = closure_loss.agreed(loss, agreed[2 * n :].tolist(), world)
-        return [p for p, flag in zip(params, agreed[:n].tolist()) if flag > 0], loss
+        flags = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float64)
+        wrong = torch.tensor([float(p.grad is not None and self._wrong_gradient(p.grad)) for p in params])
+        (flags, wrong), loss_entries = self._agreement(loss, [flags, wrong.double()])
+        if wrong.any():
+            raise RuntimeError(self._gradient_error(self._locate(int(wrong.nonzero()[0]))))
+        loss = closure_loss.agreed(loss, loss_entries, self._comm.world_size)
+        return [p for p, flag in zip(params, flags.tolist()) if flag > 0], loss
 
     def _wrong_gradient(self, grad: Tensor) -> bool:
         """Whether this coordinator refuses ``grad`` (sparse where it takes dense, or the reverse)."""
