@@ -1,11 +1,11 @@
 """``ShardedOptimizer``: what every shardopt optimizer is, whichever way it shards its algorithm.
 
-shardopt shards torch.optim's fifteen algorithms four ways (docs/schemes.md): element ranges of
-flat buffers (the element-wise algorithms, :class:`~shardopt.elements.optimizer.ElementOptimizer`), whole
-tensors on owner ranks (Adafactor, Muon: :class:`~shardopt.owner.optimizer.OwnedOptimizer`), rows of sparse
-tables (SparseAdam: :class:`~shardopt.rows.optimizer.SparseRowOptimizer`) and slices of LBFGS's history
-vectors (:class:`~shardopt.slices.optimizer.ShardedLBFGS`). Each is a subclass that names the algorithms it
-shards (``SHARDS``); ``ShardedOptimizer(params, algorithm, ...)`` builds the one that shards
+shardopt shards torch.optim's fifteen algorithms four ways (docs/design.md): element ranges of
+flat buffers (the element-wise algorithms: ``elements.optimizer.ElementOptimizer``), whole tensors
+on owner ranks (Adafactor, Muon: ``owner.optimizer.OwnedOptimizer``), rows of sparse tables
+(SparseAdam: ``rows.optimizer.SparseRowOptimizer``) and slices of LBFGS's history vectors
+(``slices.optimizer.ShardedLBFGS``). Each is a subclass that names the algorithms it shards
+(``SHARDS``); ``ShardedOptimizer(params, algorithm, ...)`` builds the one that shards
 ``algorithm``, so users and integrations test one class, and this module imports none of them.
 """
 
@@ -38,8 +38,11 @@ class _BuildsTheScheme(type):
                 "ShardedOptimizer takes params and optimizer_class positionally, the rest as keywords; "
                 f"got {len(args)} positional arguments"
             )
-        params = args[0] if args else kwargs.pop("params")
-        optimizer_class = args[1] if len(args) > 1 else kwargs.pop("optimizer_class")
+        named = dict(zip(("params", "optimizer_class"), args)) | kwargs
+        if "params" not in named or "optimizer_class" not in named:
+            raise TypeError("ShardedOptimizer needs params and optimizer_class (a torch.optim class or its name)")
+        params, optimizer_class = named.pop("params"), named.pop("optimizer_class")
+        kwargs = named
         torch_class = algorithms.torch_class(optimizer_class)
         return ShardedOptimizer._schemes[torch_class].build(params, torch_class, **kwargs)
 
@@ -51,8 +54,8 @@ class ShardedOptimizer(torch.optim.Optimizer, metaclass=_BuildsTheScheme):
     (``torch.optim.AdamW``) or its case-insensitive name (``"adamw"``), the algorithm's own keywords
     with torch.optim's names, defaults and validation, and shardopt's (``process_group``,
     ``grad_reduction``, ``timeout``; the element-wise algorithms take more: see
-    :class:`~shardopt.elements.optimizer.ElementOptimizer`). It returns the scheme that shards that algorithm,
-    an instance of this class. Construction, ``step``, ``state_dict``, ``load_state_dict`` and
+    :class:`~shardopt.elements.optimizer.ElementOptimizer`). It returns the scheme that shards that
+    algorithm, an instance of this class. Construction, ``step``, ``state_dict``, ``load_state_dict`` and
     ``add_param_group`` are collective: every rank of the group calls them, in the same order.
     """
 
