@@ -262,7 +262,7 @@ def unfollowable_run(change: str) -> str:
     ("change", "says"),
     [
         ("reshape", "parameter 0 of param group 0 changed shape from (3,) to (1,)"),
-        ("partial cast", "parameter 1 of param group 0 is torch.float32 on cpu while another parameter of its bucket"),
+        ("partial cast", "parameter 1 of param group 0 is torch.float32 on cpu while another parameter of its buffer"),
     ],
 )
 def test_a_change_that_cannot_be_followed_is_an_error_on_every_rank(change: str, says: str) -> None:

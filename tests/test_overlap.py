@@ -37,12 +37,12 @@ def lazy_gather_run() -> dict[str, Any]:
         if step == 2:
             # step() left its last MAX_IN_FLIGHT gathers in flight. Only ``hidden`` runs: its two buckets
             # (weight, bias) are finished, with those issued before them; ``out``'s two are still pending.
-            before = optimizer._gathers.pending_buckets
+            before = optimizer._gathers.pending_buffers
             model.hidden(batch(rank, step)[0])
-            pending.append((before, optimizer._gathers.pending_buckets))
+            pending.append((before, optimizer._gathers.pending_buffers))
         loss = loss_of(model, rank, step)
         # ``scale`` is the top module's own parameter: its pre-hook waited for it, so nothing is left.
-        pending.append((optimizer._gathers.pending_buckets, _global_pre_hooks() - baseline_hooks))
+        pending.append((optimizer._gathers.pending_buffers, _global_pre_hooks() - baseline_hooks))
         seen_after_forward.append(flat_params(model))
         loss.backward()
         optimizer.step()

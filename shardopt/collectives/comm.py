@@ -168,7 +168,7 @@ class Comm:
     def wait(self, work: dist.Work | None, what: str) -> None:
         """Wait for ``work``, raising a clear error if it does not complete within the timeout."""
         if work is not None and self._failed is not None:
-            # Collectives issued before a failure (other buckets of the step) would each wait out the
+            # Collectives issued before a failure (other buffers of the step) would each wait out the
             # timeout again, to end in the same error: it comes at once instead.
             raise type(self._failed)(str(self._failed)) from self._failed
         try:

@@ -200,7 +200,7 @@ class ShardedBuffer:
                 return position, f"changed shape from {tuple(slot.shape)} to {tuple(param.shape)}"
             if param.dtype != first.dtype or param.device != first.device:
                 return position, (
-                    f"is {param.dtype} on {param.device} while another parameter of its bucket is {first.dtype} "
+                    f"is {param.dtype} on {param.device} while another parameter of its buffer is {first.dtype} "
                     f"on {first.device}"
                 )
         return None

@@ -3,7 +3,7 @@
 Three interchangeable paths, with torch.optim's results (to rounding) on each:
 
 - native: torch's own fused kernel (``torch._fused_adam_`` and friends), one call over
-  every slice that shares its scalar state (usually every bucket's whole shard), where
+  every slice that shares its scalar state (usually every buffer's whole shard), where
   the algorithm has one (Adam, AdamW, SGD, Adagrad) and the device and dtype take it;
 - compiled: ``torch.compile`` of the algorithm's ``elementwise`` (C++/OpenMP on CPU,
   Triton on CUDA) over a batch of slices in one call: one graph per algorithm, device,

@@ -202,7 +202,7 @@ class ElementOptimizer(ReducedGradients, GroupMember, ParamState, ShardedOptimiz
                     [Span(0, layout.shard_numel)],
                     self._scalar_dtype,
                 )
-            self._gathers.add_bucket(len(self._buffers), buffer)
+            self._gathers.add_buffer(len(self._buffers), buffer)
             self._buffers.append(buffer)
             self._reducer.add(buffer)
 
@@ -458,7 +458,7 @@ class ElementOptimizer(ReducedGradients, GroupMember, ParamState, ShardedOptimiz
     def _memory_bytes(self) -> dict[str, int]:
         """This rank's bytes: the full parameters it holds, its gradients (stage 1: full; stage 2:
         its shard), the staging buffers gradients pass through on their way to a reduction (stage
-        2) and updated parameters on their way back into the parameters (a few buckets each, reused
+        2) and updated parameters on their way back into the parameters (a few buffers each, reused
         every step), its shard of fp32 master weights (low-precision parameters) and its shard of
         the optimizer state."""
         return {

@@ -1,15 +1,15 @@
 """The all-gathers of updated parameters that end a step, and their writing into the parameters.
 
-The parameters keep their own storage (buffer.py), so each bucket is gathered into a staging
-buffer of the bucket's length, whose slice of this rank is where the step's update ran, and then
-copied into the parameters. At most ``MAX_IN_FLIGHT`` gathers are in flight; a bucket that
+The parameters keep their own storage (buffer.py), so each buffer is gathered into a staging
+buffer of its length, whose slice of this rank is where the step's update ran, and then
+copied into the parameters. At most ``MAX_IN_FLIGHT`` gathers are in flight; a buffer that
 needs a staging buffer when that many are taken first finishes the oldest gather, so the extra
-memory is a few buckets, never a copy of the model.
+memory is a few buffers, never a copy of the model.
 
 By default ``step()`` finishes every gather before it returns, so the model is whole again when
 the user sees it. With ``overlap_param_gather=True`` (as Megatron's distributed optimizer
 offers) the last gathers stay in flight after ``step()``: a forward pre-hook finishes, module by
-module, only the buckets holding that module's own parameters, so the gather of late layers
+module, only the buffers holding that module's own parameters, so the gather of late layers
 overlaps the forward of early ones. Whatever is still pending is finished at the next
 ``step()``, ``state_dict()``, ``load_state_dict()`` or ``finish_param_gather()``.
 """
@@ -29,7 +29,7 @@ from ..shared import hook_handles
 from .buffer import ShardedBuffer
 from .staging import StagingPool
 
-# Staging buffers taken at once (being updated, or gathering): the step updates UPDATE_BATCH buckets
+# Staging buffers taken at once (being updated, or gathering): the step updates UPDATE_BATCH buffers
 # at a time, while the gathers of the batch before are in flight.
 MAX_IN_FLIGHT = 4
 UPDATE_BATCH = MAX_IN_FLIGHT // 2
@@ -50,14 +50,14 @@ class ParamGathers:
         self._comm = comm
         self.lazy = lazy
         self._pool = StagingPool()
-        self._bucket_of: dict[int, int] = {}  # id(parameter) -> bucket index
+        self._buffer_of: dict[int, int] = {}  # id(parameter) -> buffer index
         self._in_flight: deque[_Gather] = deque()
         self._taken = 0  # staging buffers handed out by staging() and not issued yet
         self._hook: RemovableHandle | None = None
 
-    def add_bucket(self, index: int, buffer: ShardedBuffer) -> None:
+    def add_buffer(self, index: int, buffer: ShardedBuffer) -> None:
         for param in buffer.params:
-            self._bucket_of[id(param)] = index
+            self._buffer_of[id(param)] = index
 
     def staging(self, buffer: ShardedBuffer) -> Tensor:
         """A flat staging buffer of ``buffer``'s length; its slice ``buffer.shard`` is where this rank's
@@ -106,7 +106,7 @@ class ParamGathers:
     def before_forward(self, module: nn.Module) -> None:
         """``module`` is about to run: finish the gathers of its own (not its children's) parameters,
         and those issued before them."""
-        wanted = {self._bucket_of.get(id(p), -1) for p in module._parameters.values() if p is not None}
+        wanted = {self._buffer_of.get(id(p), -1) for p in module._parameters.values() if p is not None}
         last = max((n for n, gather in enumerate(self._in_flight) if gather.index in wanted), default=-1)
         for _ in range(last + 1):
             self._finish(self._in_flight.popleft())
@@ -114,7 +114,7 @@ class ParamGathers:
             self._unhook()
 
     @property
-    def pending_buckets(self) -> int:
+    def pending_buffers(self) -> int:
         return len(self._in_flight)
 
     @property

@@ -3,15 +3,15 @@
 
 Backward's hooks take each gradient as autograd finishes it. Stage 1 reduces as DDP does: each
 gradient goes into its span of the buffer's full gradient (``full_grad.py``; ``p.grad`` becomes a
-view of it), a complete bucket is all-reduced at once, and the end of backward waits for all, so
+view of it), a complete buffer is all-reduced at once, and the end of backward waits for all, so
 ``p.grad`` holds the mean when backward returns. Stage 2 copies each gradient into a staging buffer
 (or, where the reduce-scatter reads gradients where they lie, keeps it), leaves a storage-less
-stand-in in ``p.grad`` (``taken_grad.py``), and reduce-scatters each complete bucket while backward
+stand-in in ``p.grad`` (``taken_grad.py``), and reduce-scatters each complete buffer while backward
 goes on; at most ``MAX_STAGING`` staging buffers per dtype and device, so a step's gradient memory
-is this rank's shard plus a few buckets.
+is this rank's shard plus a few buffers.
 
 ``step()`` launches what backward left, in the same order on every rank however its backward went;
-gradient that arrives after its bucket's launch is reduced in a second round that every rank
+gradient that arrives after its buffer's launch is reduced in a second round that every rank
 joins (reductions are sums, so the rounds add up). Under DDP (``ddp_watch.py``) neither stage
 reduces: ``step()`` takes ``p.grad`` as DDP leaves it. Sparse gradients are reduced as entries
 once the ranks agree which parameters have them (``sparse_grads.py``).
@@ -38,8 +38,8 @@ from .staging import StagingPool
 from .taken_grad import Custody
 from .windows import Round, Window, codes_tensor
 
-# Staging buffers (each as long as the longest bucket) per dtype and device: two reductions in
-# flight keep the link busy while a third bucket fills, and a fourth absorbs buckets that
+# Staging buffers (each as long as the longest flat buffer) per dtype and device: two reductions
+# in flight keep the link busy while a third buffer fills, and a fourth absorbs buffers that
 # complete out of the launch order. More are made only if every one is filling, none in flight.
 MAX_STAGING = 4
 

@@ -70,7 +70,7 @@ def refuse_change(
     if found is None and not problems[index]:
         slot, what = 0, f"is {buffer.dtype} on {buffer.device} here, but of another dtype or device on other ranks"
     elif found is None:
-        slot, what = 0, f"(or a parameter of its bucket) changed on {int(problems[index])} other rank(s)"
+        slot, what = 0, f"(or a parameter of its buffer) changed on {int(problems[index])} other rank(s)"
     else:
         slot, what = found
     where = describe(buffer.group_index, buffer.layout.slots[slot].index)

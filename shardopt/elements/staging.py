@@ -1,7 +1,7 @@
 """Flat scratch buffers reused step after step: where gradients wait for their reduction (stage 2)
 and where updated parameters are all-gathered before they are written back into the parameters.
 
-On CPU a fresh allocation of a bucket's size costs a page fault per page at first touch; a pool
+On CPU a fresh allocation of a buffer's size costs a page fault per page at first touch; a pool
 that hands the same buffers back every step pays it once.
 """
 
@@ -16,8 +16,8 @@ PoolKey = tuple[torch.dtype, torch.device]
 class StagingPool:
     """Flat scratch buffers of some dtypes and devices, reused step after step.
 
-    One buffer fits any bucket of its dtype and device (it is as long as the longest), so
-    buckets of different sizes share them.
+    One staging buffer fits any flat buffer of its dtype and device (it is as long as the longest),
+    so buffers of different sizes share them.
     """
 
     def __init__(self) -> None:

@@ -1,5 +1,5 @@
 """One buffer's gradient between two steps (``Window``), and each reduction issued of it (``Round``):
-what the reducer knows of a bucket as backward fills it and its collectives complete."""
+what the reducer knows of a buffer as backward fills it and its collectives complete."""
 
 from __future__ import annotations
 

@@ -20,12 +20,13 @@ class Options:
     Attributes:
         stage: 1 (default) shards the optimizer state, and reduces the gradients as DDP does: each
             ``p.grad`` holds the mean gradient when backward returns. 2 shards the gradients as well
-            (each gradient is taken into its bucket's reduction as backward produces it; ``p.grad``
+            (each gradient is taken into its buffer's reduction as backward produces it; ``p.grad``
             then holds a storage-less stand-in, ``elements/taken_grad.py``).
         grad_reduction: ``"mean"`` or ``"sum"`` of the ranks' gradients, or None when someone else
             always reduces them (a model wrapped in DDP is found by itself and needs nothing).
         timeout: seconds (or a timedelta) any collective of ours may wait before raising.
-        bucket_cap_mb: the largest flat buffer, in MiB; each buffer is one reduction.
+        bucket_cap_mb: the largest flat buffer, in MiB; each buffer is one reduction (DDP's bucket,
+            hence DDP's keyword).
         overlap_param_gather: leave the all-gathers of updated parameters in flight after ``step()``;
             each module's forward pre-hook waits for its own parameters (see
             :meth:`ElementOptimizer.finish_param_gather`).
