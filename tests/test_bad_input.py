@@ -109,6 +109,13 @@ def test_every_algorithm_is_a_sharded_optimizer(torch_class: type[torch.optim.Op
         assert sorted(optimizer.memory_stats()) == sorted(base.MEMORY_KEYS)
 
 
+@pytest.mark.parametrize("torch_class", algorithms.EVERY, ids=lambda cls: cls.__name__)
+def test_every_scheme_refuses_a_set_of_parameters(torch_class: type[torch.optim.Optimizer]) -> None:
+    # torch.optim takes a set, but its order differs between processes: ranks would shard different layouts.
+    with pytest.raises(TypeError, match="ordered collections"):
+        ShardedOptimizer(set(_params_for(torch_class)), torch_class)
+
+
 @pytest.mark.parametrize(
     ("scheme", "optimizer_class", "match"),
     [

@@ -92,6 +92,7 @@ class ElementOptimizer(ReducedGradients, GroupMember, ParamState, ShardedOptimiz
             skip_nonfinite=skip_nonfinite,
             verify_every=verify_every,
         )
+        params = self._ordered(params)  # refused before the first collective, as torch.optim refuses at once
         torch_class = self._algorithm.torch_class
         # torch's Adam, AdamW, SGD and Adagrad take ``fused`` themselves (it lives in their param
         # groups); for the others it is ours alone, kept out of the groups so they stay torch's.
@@ -113,7 +114,7 @@ class ElementOptimizer(ReducedGradients, GroupMember, ParamState, ShardedOptimiz
         # Parameters of the groups that did not require grad when added: kept in the
         # groups (state_dict numbering counts them, as torch's does) but not sharded.
         self._unsharded: list[tuple[int, int, Tensor]] = []
-        super().__init__(self._ordered(params), defaults)
+        super().__init__(params, defaults)
         self.state = StateView()
 
     # ------------------------------------------------------------------ groups

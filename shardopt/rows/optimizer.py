@@ -134,7 +134,7 @@ class SparseRowOptimizer(WholeGradientOptimizer):
         for param in group["params"]:
             if param not in slices:
                 continue
-            rows = self._rows[param][self.rank]
+            rows = self.rows_of(param)
             state = self.shard_state[param]
             if not state:  # as torch creates it, for this rank's rows only
                 state["step"] = 0
@@ -202,7 +202,7 @@ class SparseRowOptimizer(WholeGradientOptimizer):
                     torch_state.check_entry(states[param], template, "SparseAdam", groups.describe(group, g, i))
         mine = {}
         for param, entry in states.items():
-            rows = self._rows[param][self.rank]
+            rows = self.rows_of(param)
             mine[param] = {"step": int(entry["step"])} | {
                 name: torch.as_tensor(entry[name])[rows.start : rows.stop].to(
                     dtype=param.dtype, device=param.device, copy=True

@@ -72,6 +72,7 @@ class WholeGradientOptimizer(ReducedGradients, GroupMember, ParamState, ShardedO
         defaults = groups.torch_defaults(torch_class, kwargs, OUR_KEYWORDS)
         self._torch_class = torch_class
         self._kwargs = kwargs
+        params = self._ordered(params)  # refused before the first collective, as torch.optim refuses at once
         self._comm = Comm(process_group, timeout)
         self._reduced: Reduced | None = None  # set by clip_grad_norm_ or a GradScaler until the step that follows
         self._scaler_checked = False  # shardopt.GradScaler looked at this step's gradients
@@ -83,7 +84,7 @@ class WholeGradientOptimizer(ReducedGradients, GroupMember, ParamState, ShardedO
         #: Steps a GradScaler skipped because the mean gradient was not finite.
         self.skipped_steps = 0
         self._prepare()
-        torch.optim.Optimizer.__init__(self, self._ordered(params), defaults)
+        torch.optim.Optimizer.__init__(self, params, defaults)
         self.state = StateView()  # each scheme keeps its part of the state elsewhere (owners, rows)
 
     def _prepare(self) -> None:

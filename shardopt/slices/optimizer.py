@@ -104,9 +104,10 @@ class ShardedLBFGS(GroupMember, ParamState, ShardedOptimizer):
         }
         # torch's own validation and defaults (max_eval's), from a throwaway LBFGS.
         defaults = dict(torch.optim.LBFGS([torch.nn.Parameter(torch.zeros(1))], **keywords).defaults)
+        params = self._ordered(params)  # refused before the first collective, as torch.optim refuses at once
         self._comm = Comm(process_group, timeout)
         self._history: History | None = None
-        super().__init__(self._ordered(params), defaults)
+        super().__init__(params, defaults)
         #: This rank's slices of the LBFGS state (torch's names), under the first parameter as torch keeps
         #: it; ``opt.state`` stays empty.
         self.shard_state: dict[Tensor, dict[str, Any]] = defaultdict(dict)
